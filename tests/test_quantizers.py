@@ -1,0 +1,161 @@
+"""MinMaxQuant and ApproxQuantizer against an independent oracle, grid by grid."""
+
+import pytest
+import torch
+
+from oracle import assert_matches_oracle, int_max
+from torchapprox.quantizers import ApproxQuantizer, MinMaxQuant
+
+BITWIDTHS = range(2, 17)
+
+
+@pytest.fixture
+def x():
+    torch.manual_seed(0)
+    return torch.randn(4096) * 3.0
+
+
+def test_base_class_is_abstract():
+    with pytest.raises(TypeError):
+        ApproxQuantizer(8)
+
+
+@pytest.mark.parametrize("bitwidth, expected", [(2, 1), (3, 3), (4, 7), (8, 127), (16, 32767), (32, 2**31 - 1)])
+def test_int_max_is_the_narrow_symmetric_range(bitwidth, expected):
+    assert MinMaxQuant(bitwidth).int_max == expected
+
+
+@pytest.mark.parametrize("bitwidth", BITWIDTHS)
+def test_quantize_lands_on_the_full_integer_grid(bitwidth, x):
+    q = MinMaxQuant(bitwidth)
+    x_quant = q.quantize(x)
+    assert x_quant.dtype == x.dtype and x_quant.shape == x.shape
+    assert torch.equal(x_quant, x_quant.round())
+    top = int_max(bitwidth)
+    assert x_quant.abs().max().item() == top  # max|x| maps exactly onto int_max
+    assert q.scale_factor.item() == pytest.approx(top / x.abs().max().item(), rel=1e-6)
+    # A dense ramp over [-1, 1] visits every level of the grid, and no other value.
+    ramp = torch.linspace(-1, 1, 8 * (2 * top + 1) + 1)
+    levels = q.quantize(ramp).unique()
+    assert torch.equal(levels, torch.arange(-top, top + 1, dtype=ramp.dtype))
+
+
+@pytest.mark.parametrize("bitwidth", BITWIDTHS)
+def test_fake_quantization_matches_aten_oracle(bitwidth, x):
+    q = MinMaxQuant(bitwidth)
+    assert_matches_oracle(q(x), x, bitwidth)
+
+
+@pytest.mark.parametrize("bitwidth", [2, 4, 8])
+def test_forward_is_quantize_divided_by_scale_factor_exactly(bitwidth, x):
+    q = MinMaxQuant(bitwidth)
+    expected = q.quantize(x) / q.scale_factor
+    assert torch.equal(q(x), expected)
+
+
+def test_known_values_at_four_bits():
+    q = MinMaxQuant(4)
+    x = torch.tensor([-1.0, 0.2, 0.5, 0.0714])
+    assert q.quantize(x).tolist() == [-7.0, 1.0, 4.0, 0.0]
+    assert q(x).tolist() == pytest.approx([-1.0, 1 / 7, 4 / 7, 0.0])
+
+
+def test_quantize_gradient_is_straight_through_times_scale(x):
+    q = MinMaxQuant(8)
+    x = x.clone().requires_grad_()
+    upstream = torch.randn_like(x)
+    q.quantize(x).backward(upstream)
+    assert torch.allclose(x.grad, upstream * q.scale_factor)
+
+
+def test_fake_quantize_gradient_is_identity(x):
+    q = MinMaxQuant(3)
+    x = x.clone().requires_grad_()
+    upstream = torch.randn_like(x)
+    q(x).backward(upstream)
+    assert torch.equal(x.grad, upstream)
+
+
+def test_quant_function_is_the_differentiable_node(x):
+    minmax = x.abs().max()
+    x = x.clone().requires_grad_()
+    x_quant = MinMaxQuant.Quant.apply(x, minmax, 7)
+    assert torch.equal(x_quant, torch.round(x.detach() * 7 / minmax))
+    x_quant.sum().backward()
+    assert torch.allclose(x.grad, torch.full_like(x, 7 / minmax.item()))
+
+
+def test_annealing_the_bitwidth_changes_the_grid(x):
+    q = MinMaxQuant(16)
+    errors = []
+    for bitwidth in (16, 8, 4, 2):
+        q.bitwidth = bitwidth
+        assert q.int_max == int_max(bitwidth)
+        assert q.quantize(x).abs().max().item() == int_max(bitwidth)
+        errors.append((q(x) - x).square().mean().item())
+    assert errors == sorted(errors)  # coarser grid, larger error
+
+
+@pytest.mark.parametrize("bad", [8.0, "8", True, None, [8]])
+def test_non_int_bitwidth_is_a_type_error(bad):
+    with pytest.raises(TypeError, match=r"`bitwidth`.*2\.\.32.*got"):
+        MinMaxQuant(bad)
+    q = MinMaxQuant(6)
+    with pytest.raises(TypeError, match="bitwidth"):
+        q.bitwidth = bad
+    assert q.bitwidth == 6
+
+
+@pytest.mark.parametrize("bad", [-4, 0, 1, 33, 64])
+def test_out_of_range_bitwidth_is_a_value_error(bad):
+    with pytest.raises(ValueError, match=rf"`bitwidth` must be an int in 2\.\.32, got {bad}"):
+        MinMaxQuant(bad)
+    q = MinMaxQuant(6)
+    with pytest.raises(ValueError):
+        q.bitwidth = bad
+    assert q.bitwidth == 6
+
+
+def test_all_zero_tensor_gives_zeros_and_a_finite_scale():
+    q = MinMaxQuant(8)
+    zeros = torch.zeros(5, requires_grad=True)
+    assert torch.equal(q(zeros), torch.zeros(5))
+    assert torch.isfinite(q.scale_factor).all()
+    assert torch.equal(q.quantize(zeros), torch.zeros(5))
+    q.quantize(zeros).sum().backward()
+    assert torch.isfinite(zeros.grad).all()
+
+
+def test_empty_tensor_gives_an_empty_tensor():
+    q = MinMaxQuant(8)
+    empty = torch.empty(0, 3)
+    assert q(empty).shape == (0, 3)
+    assert q.quantize(empty).shape == (0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_are_kept_and_values_match_the_oracle(dtype, x):
+    q = MinMaxQuant(6)
+    x = x.to(dtype)
+    y = q(x)
+    assert y.dtype == dtype and q.quantize(x).dtype == dtype
+    if dtype == torch.float64:
+        assert_matches_oracle(y, x, 6)
+    else:  # half types are quantized in float32 and rounded once on the way back
+        expected = q.quantize(x.float()) / q.scale_factor
+        assert torch.equal(y, expected.to(dtype))
+
+
+def test_forward_needs_no_values_on_the_host():
+    """On the meta device tensors have no data: any .item() or bool(tensor) would raise,
+    so this passing shows the forward and backward do no host-device synchronisation."""
+    q = MinMaxQuant(8)
+    x = torch.randn(64, 32, device="meta", requires_grad=True)
+    y = q(x)
+    y.sum().backward()
+    assert y.device.type == "meta" and x.grad.shape == x.shape
+    q.quantize(x.detach())
+
+
+def test_scale_factor_is_none_before_the_first_call():
+    assert MinMaxQuant(8).scale_factor is None
