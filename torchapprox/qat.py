@@ -29,6 +29,7 @@ from torch import nn
 from .layer_forward import quantize_attention_inputs, quantize_layer_input, quantized_forward
 from .quantizers import ApproxQuantizer, MinMaxQuant
 from .quantizers.approx_quantizer import check_bitwidth
+from .validation import check_bool, check_patterns
 
 QUANTIZABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 ATTENTION_INPUT_QUANTIZERS = ("input_quantizer", "key_quantizer", "value_quantizer")
@@ -67,11 +68,11 @@ def attach(
     """
     _check_model(model)
     bitwidth = check_bitwidth(bitwidth)
-    weights = _check_bool(weights, "weights")
-    activations = _check_bool(activations, "activations")
+    weights = check_bool(weights, "weights")
+    activations = check_bool(activations, "activations")
     if not (weights or activations):
         raise ValueError("`weights` and `activations` are both False: nothing would be quantized")
-    patterns = _check_patterns(exclude)
+    patterns = check_patterns(exclude)
 
     detach(model)
     chosen = {
@@ -124,7 +125,7 @@ def enable_statistics(model: nn.Module, enabled: bool = True) -> None:
     Off by default: computing MSE and SQNR costs a pass over every weight and input, so a
     training loop turns it on only for the steps it logs.
     """
-    enabled = _check_bool(enabled, "enabled")
+    enabled = check_bool(enabled, "enabled")
     for module in model.modules():
         if isinstance(module, ApproxQuantizer):
             module.record_statistics = enabled
@@ -162,7 +163,7 @@ def detach(model: nn.Module, bake: bool = False) -> list[str]:
     for a pruned weight), so the plain model computes with the quantized weights.
     """
     _check_model(model)
-    bake = _check_bool(bake, "bake")
+    bake = check_bool(bake, "bake")
     detached = []
     for name, layer in model.named_modules():
         if not hasattr(layer, _WEIGHTS_ATTR):
@@ -231,26 +232,6 @@ def _check_materialized(name: str, layer: nn.Module) -> None:
 def _check_model(model: object) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
-
-
-def _check_bool(value: object, name: str) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{name}` must be True or False, got {value!r}")
-    return value
-
-
-def _check_patterns(exclude: object) -> tuple[str, ...]:
-    patterns = (exclude,) if isinstance(exclude, str) else exclude
-    try:
-        patterns = tuple(patterns)
-    except TypeError:
-        raise TypeError(
-            f"`exclude` must be a pattern or a list of fnmatch patterns, got {exclude!r}"
-        ) from None
-    for pattern in patterns:
-        if not isinstance(pattern, str):
-            raise TypeError(f"`exclude` must hold fnmatch patterns (str), got {pattern!r}")
-    return patterns
 
 
 __all__ = [

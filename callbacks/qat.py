@@ -1,0 +1,225 @@
+"""QuantizationAwareTraining: bitwidth-annealed QAT for any LightningModule."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info
+
+import torchapprox as ta
+from torchapprox.validation import check_bool, check_patterns
+
+from .schedules import BitwidthSchedule, as_schedule
+
+STAT_NAMES = ("scale_factor", "mse", "sqnr_db")
+
+
+class QuantizationAwareTraining(Callback):
+    r"""Quantization-aware training whose bitwidth follows a schedule over the epochs.
+
+    In ``setup()`` (on every rank, before DDP wraps the model and before a checkpoint is
+    restored) a ``MinMaxQuant`` is attached to the weight and the input of every
+    ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` of the LightningModule
+    (see :func:`torchapprox.attach`). At the start of each training epoch every quantizer is
+    set to ``schedule(current_epoch)``; validation and test run at that epoch's bitwidth.
+
+    The float master weights stay the module's Parameters, so checkpoints hold exactly the
+    plain model's keys: ``MyModel.load_from_checkpoint(path)`` works without this callback.
+    The model stays quantized after ``fit``; to bake the grid values into the float weights
+    call ``torchapprox.detach(model, bake=True)`` explicitly.
+
+    Logged through the trainer's loggers every ``log_every_n_steps`` training steps, and
+    only then (between logging steps the callback adds no work and no host-device sync):
+    ``quant/bitwidth`` and, per quantized layer, ``quant/{layer}/{weight|input}/{scale_factor|mse|sqnr_db}``.
+    Under DDP the weight statistics are the same on every rank (the weights are), while the
+    input statistics describe each rank's own batch: they are averaged over the ranks before
+    rank zero logs them. If a logged value is not finite, training stops with an error that
+    names the layer and the step.
+
+    Args:
+        schedule: bits per epoch: an int (constant), a dict ``{epoch: bits}`` (must hold
+            epoch 0), a list of bits per epoch, a schedule from :mod:`callbacks.schedules`,
+            or any callable ``epoch -> bits``. Every bitwidth is an int in 2..32.
+        quantize_weights: quantize every layer's weight.
+        quantize_activations: quantize every layer's input.
+        exclude: fnmatch patterns over qualified layer names to leave in float
+            (e.g. ``["model.classifier"]``).
+        log_every_n_steps: logging interval in training steps; ``None`` uses the trainer's
+            ``log_every_n_steps``.
+        log_histograms_every_n_steps: also write histograms of each weight and of its
+            quantization error to TensorBoard at this (slower) interval; ``None`` for none.
+        verbose: print the bitwidth on rank zero whenever it changes.
+
+    Raises:
+        TypeError, ValueError: for a bad schedule or argument, at construction.
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> from callbacks import QuantizationAwareTraining
+        >>> from callbacks.schedules import LinearBitwidth
+        >>> qat = QuantizationAwareTraining(LinearBitwidth(16, 4, start_epoch=0, end_epoch=3))
+        >>> trainer = Trainer(max_epochs=5, callbacks=[qat])   # 16, 12, 8, 4, 4 bits
+    """
+
+    def __init__(
+        self,
+        schedule: int | dict | BitwidthSchedule | Any = 8,
+        *,
+        quantize_weights: bool = True,
+        quantize_activations: bool = True,
+        exclude: str | Iterable[str] = (),
+        log_every_n_steps: int | None = None,
+        log_histograms_every_n_steps: int | None = None,
+        verbose: bool = True,
+    ) -> None:
+        self.schedule = as_schedule(schedule)
+        self.quantize_weights = check_bool(quantize_weights, "quantize_weights")
+        self.quantize_activations = check_bool(quantize_activations, "quantize_activations")
+        if not (self.quantize_weights or self.quantize_activations):
+            raise ValueError(
+                "`quantize_weights` and `quantize_activations` are both False: nothing would be quantized"
+            )
+        self.exclude = check_patterns(exclude)
+        self.log_every_n_steps = _check_interval(log_every_n_steps, "log_every_n_steps")
+        self.log_histograms_every_n_steps = _check_interval(
+            log_histograms_every_n_steps, "log_histograms_every_n_steps"
+        )
+        self.verbose = check_bool(verbose, "verbose")
+        # The epoch whose bitwidth the model runs at: saved in checkpoints (a plain int), so
+        # that test(ckpt_path=...) evaluates at the bitwidth the checkpoint was trained at.
+        self.epoch: int | None = None
+        self.bitwidth: int = self.schedule(0)
+        self.quantized_layers: list[str] = []
+        self._recording_step: int | None = None  # the global step whose statistics are being taken
+        self._last_logged_step: int | None = None
+
+    # ---------------------------------------------------------------- attach and schedule
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+            for epoch in range(trainer.max_epochs):  # any bad answer fails before training
+                self.schedule(epoch)
+        self.quantized_layers = ta.attach(
+            pl_module,
+            self.bitwidth,
+            weights=self.quantize_weights,
+            activations=self.quantize_activations,
+            exclude=self.exclude,
+        )
+        if not self.quantized_layers:
+            excluded = f" (exclude={list(self.exclude)})" if self.exclude else ""
+            raise ValueError(
+                f"{type(pl_module).__name__} has no layer to quantize{excluded}: "
+                "QuantizationAwareTraining quantizes nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention"
+            )
+
+    def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._apply_epoch(trainer.current_epoch, pl_module)  # restored by now when resuming
+
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._apply_epoch(trainer.current_epoch, pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit":  # during fit the training epoch has set the bitwidth
+            self._apply_epoch(self.epoch if self.epoch is not None else trainer.current_epoch, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._apply_epoch(self.epoch if self.epoch is not None else trainer.current_epoch, pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.on_test_start(trainer, pl_module)
+
+    def _apply_epoch(self, epoch: int, pl_module: LightningModule) -> None:
+        bitwidth = self.schedule(epoch)
+        if self.verbose and bitwidth != self.bitwidth:
+            rank_zero_info(f"QuantizationAwareTraining: epoch {epoch}, {self.bitwidth} -> {bitwidth} bits")
+        self.epoch, self.bitwidth = epoch, bitwidth
+        ta.set_bitwidth(pl_module, bitwidth)
+
+    # ------------------------------------------------------------------------ telemetry
+    def _interval(self, trainer: Trainer) -> int:
+        return self.log_every_n_steps or trainer.log_every_n_steps
+
+    def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if trainer.loggers and step % self._interval(trainer) == 0 and step != self._last_logged_step:
+            ta.enable_statistics(pl_module, True)
+            self._recording_step = step
+
+    def on_train_batch_end(
+        self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        step = self._recording_step
+        if step is None:
+            return
+        ta.enable_statistics(pl_module, False)
+        self._recording_step, self._last_logged_step = None, step
+        metrics = self._collect(trainer, pl_module, step)
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        histogram_interval = self.log_histograms_every_n_steps
+        if histogram_interval and step % histogram_interval == 0:
+            self._log_histograms(trainer, pl_module, step)
+
+    def _collect(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, float]:
+        tags, values = [], []
+        for layer, kinds in ta.statistics(pl_module).items():
+            for kind, stats in kinds.items():
+                for stat in STAT_NAMES:
+                    tags.append(f"quant/{layer}/{kind}/{stat}")
+                    values.append(stats[stat])
+        if not values:
+            return {"quant/bitwidth": float(self.bitwidth)}
+        stacked = torch.stack(values)
+        # One collective for all statistics: input statistics differ per rank (own batch).
+        stacked = trainer.strategy.reduce(stacked, reduce_op="mean")
+        host = stacked.tolist()  # the one host-device sync, on logging steps only
+        metrics = dict(zip(tags, host))
+        for tag, value in metrics.items():
+            if not math.isfinite(value):
+                layer = tag.split("/")[1:-2]
+                raise RuntimeError(
+                    f"QuantizationAwareTraining: {tag} is {value} at step {step} "
+                    f"(layer {'/'.join(layer)!r}): training diverged. Lower the learning rate, "
+                    "raise the bitwidth or exclude the layer."
+                )
+        metrics["quant/bitwidth"] = float(self.bitwidth)
+        return metrics
+
+    @torch.no_grad()
+    def _log_histograms(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
+        loggers = [lg for lg in trainer.loggers if isinstance(lg, TensorBoardLogger)]
+        if not loggers or trainer.global_rank != 0:
+            return
+        for layer_name, layer in ta.quantized_layers(pl_module).items():
+            quantizer = getattr(layer, "weight_quantizer", None)
+            weight = getattr(layer, "weight", None)
+            if quantizer is None or weight is None:
+                continue
+            error = quantizer.fake_quantize(weight) - weight
+            for logger in loggers:
+                logger.experiment.add_histogram(f"quant/{layer_name}/weight/values", weight, step)
+                logger.experiment.add_histogram(f"quant/{layer_name}/weight/error", error, step)
+
+    # --------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        # Plain Python types only: checkpoints must load under torch.load(weights_only=True).
+        return {"epoch": self.epoch, "bitwidth": int(self.bitwidth)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.epoch = state_dict.get("epoch")
+        self.bitwidth = state_dict.get("bitwidth", self.bitwidth)
+
+
+def _check_interval(value: object, name: str) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(f"`{name}` must be None or an int >= 1 (training steps), got {value!r}")
+    return int(value)
