@@ -1,0 +1,1 @@
+"""The Hydra app (train.py), its demo model and data, the sweep summary and the benchmark."""
