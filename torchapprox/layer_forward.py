@@ -6,19 +6,23 @@ layer (``<weight>_quantizer``, ``input_quantizer``, ``key_quantizer``, ``value_q
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .quantizers import ApproxQuantizer
+
 _WEIGHTS_ATTR = "_torchapprox_weights"
+INPUT_QUANTIZERS = ("input_quantizer", "key_quantizer", "value_quantizer")
 
 
 def quantized_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Run the layer's class forward with its weights read as fake-quantized values."""
     swaps = [
-        (layer, name, getattr(layer, f"{name}_quantizer")(getattr(layer, name)))
+        (layer, name, quantized_weight(getattr(layer, f"{name}_quantizer"), getattr(layer, name)))
         for name in getattr(layer, _WEIGHTS_ATTR)
     ]
     out_proj = getattr(layer, "out_proj", None) if isinstance(layer, nn.MultiheadAttention) else None
@@ -34,7 +38,8 @@ def quantized_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
 
     originals = [_swap(module, name, value) for module, name, value in swaps]
     try:
-        output = type(layer).forward(layer, *args, **kwargs)
+        with _save_inputs_not_grid_values(layer):
+            output = type(layer).forward(layer, *args, **kwargs)
     finally:
         for (module, name, _), original in zip(swaps, originals):
             _swap(module, name, original)
@@ -43,6 +48,82 @@ def quantized_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         attn_output, attn_weights = output
         output = (_quantized_linear(out_proj, attn_output), attn_weights)
     return output
+
+
+def quantized_weight(quantizer: ApproxQuantizer, weight: torch.Tensor) -> torch.Tensor:
+    """``quantizer(weight)``, computed once for as long as the weight does not change.
+
+    A layer called several times per step, and every batch of an evaluation, reuses the
+    value. The key holds the weight's version counter (bumped by every in-place update,
+    optimizer steps included) and the modes that decide what kind of tensor is returned.
+    """
+    if quantizer.record_statistics:  # statistics describe a fresh call
+        return quantizer(weight)
+    key = (id(weight), weight._version, weight.data_ptr(), quantizer.bitwidth,
+           torch.is_grad_enabled(), torch.is_inference_mode_enabled())
+    cached = quantizer.__dict__.get("_weight_cache")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    value = quantizer(weight)
+    quantizer.__dict__["_weight_cache"] = (key, value)
+    return value
+
+
+@contextlib.contextmanager
+def _save_inputs_not_grid_values(layer: nn.Module):
+    """While the layer runs, save for backward the float input (alive anyway, as a rule)
+    in place of its grid values, which are recomputed when backward needs them.
+
+    Without this every quantized layer would keep one extra activation until backward:
+    the fake-quantized input its convolution or matmul saves.
+    """
+    offers = []
+    for name in INPUT_QUANTIZERS:
+        quantizer = layer._modules.get(name)
+        if quantizer is not None and quantizer.recompute is not None:
+            offers.append(quantizer.recompute)
+            quantizer.recompute = None  # drop the references now, whatever happens next
+    if not offers or not torch.is_grad_enabled():
+        yield
+        return
+
+    def pack(tensor: torch.Tensor):
+        for x_fake, x, recompute in offers:
+            if tensor.dtype == x_fake.dtype and _same_storage(tensor, x_fake):
+                return _Recomputable(recompute, x, tensor)
+        return tensor
+
+    def unpack(packed):
+        return packed.value() if isinstance(packed, _Recomputable) else packed
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        # Every saved tensor keeps a reference to `pack`, hence to `offers`: empty it, or
+        # the grid values it names would live until backward after all.
+        offers.clear()
+
+
+class _Recomputable:
+    """A saved view of grid values, stored as the recipe to compute it again."""
+
+    def __init__(self, recompute, source: torch.Tensor, view: torch.Tensor) -> None:
+        self.recompute, self.source, self.version = recompute, source, source._version
+        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+
+    def value(self) -> torch.Tensor:
+        if self.source._version != self.version:
+            raise RuntimeError(
+                "torchapprox: the input of a quantized layer was modified in place after the layer "
+                "used it, so its quantized value cannot be recomputed for backward; avoid the in-place "
+                "operation (e.g. nn.ReLU(inplace=True) applied to a tensor a quantized layer already read)"
+            )
+        return self.recompute().as_strided(self.size, self.stride, self.offset)
+
+
+def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def quantize_layer_input(layer: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
@@ -67,11 +148,7 @@ def quantize_attention_inputs(layer: nn.Module, args: tuple, kwargs: dict) -> tu
         return None
     args, kwargs = list(args), dict(kwargs)
     done: dict[int, torch.Tensor] = {}
-    for position, name, quantizer_name in (
-        (0, "query", "input_quantizer"),
-        (1, "key", "key_quantizer"),
-        (2, "value", "value_quantizer"),
-    ):
+    for position, name, quantizer_name in zip((0, 1, 2), ("query", "key", "value"), INPUT_QUANTIZERS):
         container, key = (args, position) if position < len(args) else (kwargs, name)
         if container is kwargs and name not in kwargs:
             continue
@@ -85,8 +162,10 @@ def quantize_attention_inputs(layer: nn.Module, args: tuple, kwargs: dict) -> tu
 def _quantized_linear(layer: nn.Module, x: torch.Tensor) -> torch.Tensor:
     input_quantizer = layer._modules.get("input_quantizer")
     weight_quantizer = layer._modules.get("weight_quantizer")
-    x = input_quantizer(x) if input_quantizer is not None else x
-    weight = weight_quantizer(layer.weight) if weight_quantizer is not None else layer.weight
+    if input_quantizer is not None:
+        x = input_quantizer(x)
+        input_quantizer.recompute = None
+    weight = quantized_weight(weight_quantizer, layer.weight) if weight_quantizer is not None else layer.weight
     return F.linear(x, weight, layer.bias)
 
 

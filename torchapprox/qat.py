@@ -89,7 +89,9 @@ def attach(
         if activations:
             inputs = ATTENTION_INPUT_QUANTIZERS if _is_attention(layer) else ("input_quantizer",)
             for input_name in inputs:
-                layer.add_module(input_name, MinMaxQuant(bitwidth))
+                quantizer = MinMaxQuant(bitwidth)
+                quantizer.offer_recompute = True  # see layer_forward._save_inputs_not_grid_values
+                layer.add_module(input_name, quantizer)
         _wrap(layer, weight_names)
     # Attention reads its out_proj's weight directly instead of calling it, so an attention
     # layer whose out_proj is quantized needs its forward wrapped even when it is excluded.

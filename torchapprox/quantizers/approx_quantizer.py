@@ -46,6 +46,18 @@ class ApproxQuantizer(nn.Module, ABC):
         self._bitwidth = check_bitwidth(bitwidth)
         self.record_statistics = False
         self.last_statistics: dict[str, torch.Tensor] | None = None
+        # When offer_recompute is set (attach sets it on input quantizers), a call with grad
+        # enabled leaves (x_fake, x, recompute) here, recompute() giving x_fake again from x:
+        # the layer then saves x rather than x_fake for its backward, and clears this at once.
+        self.offer_recompute = False
+        self.recompute: tuple | None = None
+
+    # Per-call leftovers (tensors of a live autograd graph) that must not be copied or pickled.
+    _TRANSIENT = ("recompute", "_weight_cache")
+
+    def __getstate__(self) -> dict:
+        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
+        return {k: (None if k in self._TRANSIENT else v) for k, v in state.items()}
 
     @property
     def bitwidth(self) -> int:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .approx_quantizer import ApproxQuantizer
+from .kernels import round_to_grid
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -16,13 +19,22 @@ def _compute_dtype(x: torch.Tensor) -> torch.dtype:
 def _abs_max(x: torch.Tensor) -> torch.Tensor:
     # One pass over memory and no |x| temporary: max|x| = max(-min(x), max(x)).
     low, high = torch.aminmax(x.detach())
-    return torch.maximum(low.neg(), high).to(_compute_dtype(x))
+    minmax = torch.maximum(low.neg(), high)
+    dtype = _compute_dtype(x)
+    return minmax if minmax.dtype == dtype else minmax.to(dtype)
 
 
 def _scale_factor(minmax: torch.Tensor, int_max: int) -> torch.Tensor:
     # An all-zero tensor has minmax 0: any finite scale maps it to zeros, so use 1 rather
     # than dividing by zero. torch.where keeps this on the device (no host sync).
-    return torch.where(minmax > 0, int_max / minmax, torch.ones_like(minmax))
+    return torch.where(minmax > 0, int_max / minmax, 1.0)
+
+
+def _fake_quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The grid values of ``x`` for a known scale: the one elementwise pass of FakeQuant."""
+    if x.dtype == scale.dtype:  # the common case, without the dispatch of two no-op .to()
+        return round_to_grid(x, scale)
+    return round_to_grid(x.to(scale.dtype), scale).to(x.dtype)
 
 
 class MinMaxQuant(ApproxQuantizer):
@@ -66,9 +78,7 @@ class MinMaxQuant(ApproxQuantizer):
 
         @staticmethod
         def forward(ctx, x: torch.Tensor, scale_factor: torch.Tensor) -> torch.Tensor:
-            x_fake = x.to(scale_factor.dtype) * scale_factor
-            x_fake.round_().div_(scale_factor)
-            return x_fake.to(x.dtype)
+            return _fake_quantize_with_scale(x, scale_factor)
 
         @staticmethod
         def backward(ctx, grad_x_fake: torch.Tensor):
@@ -93,5 +103,10 @@ class MinMaxQuant(ApproxQuantizer):
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x.clone()
-        self._scale_factor = _scale_factor(_abs_max(x), self.int_max)
-        return MinMaxQuant.FakeQuant.apply(x, self._scale_factor)
+        scale = self._scale_factor = _scale_factor(_abs_max(x), self.int_max)
+        x_fake = MinMaxQuant.FakeQuant.apply(x, scale)
+        if self.offer_recompute and torch.is_grad_enabled():
+            # The grid values are a pure function of x and the scale: a layer that saves
+            # x_fake for its backward can keep x (alive anyway, most often) and recompute.
+            self.recompute = (x_fake, x.detach(), functools.partial(_fake_quantize_with_scale, x.detach(), scale))
+        return x_fake
