@@ -11,9 +11,11 @@ import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info
+from torch import nn
 
 import torchapprox as ta
-from torchapprox.validation import check_bool, check_patterns
+from torchapprox.quantizers.minmax_quantizer import GRIDS
+from torchapprox.validation import check_bool, check_overrides, check_patterns
 
 from .schedules import BitwidthSchedule, as_schedule
 
@@ -55,6 +57,20 @@ class QuantizationAwareTraining(Callback):
         log_histograms_every_n_steps: also write histograms of each weight and of its
             quantization error to TensorBoard at this (slower) interval; ``None`` for none.
         verbose: print the bitwidth on rank zero whenever it changes.
+        bitwidth_overrides: ``{layer pattern: bits}`` kept whatever the schedule says (e.g.
+            ``{"net.features.0": 8, "net.classifier": 8}``: first and last layer at 8 bits).
+        activation_grid: ``"signed"`` (default), ``"unsigned"`` or ``"auto"``: the grid of
+            the input quantizers (see :class:`torchapprox.MinMaxQuant`).
+        interval: ``"epoch"`` (default): the schedule is a function of the epoch, applied
+            at each epoch start; ``"step"``: of the global step, applied at each step.
+        bn_reestimate: when the bitwidth drops, reset every BatchNorm's running statistics
+            and re-estimate them as a cumulative average until the end of the epoch, so that
+            evaluation does not use statistics of the wider network.
+        lr_rewarm_steps: when the bitwidth drops, ramp the learning rate linearly from
+            1/N of its value back to it over these N steps (0: off). The ramp scales the
+            rate around each optimizer step only, so LR schedulers see their own values.
+
+    Bitwidth drops are logged as ``quant/transition`` (the new bits) at the step they happen.
 
     Raises:
         TypeError, ValueError: for a bad schedule or argument, at construction.
@@ -78,6 +94,11 @@ class QuantizationAwareTraining(Callback):
         log_every_n_steps: int | None = None,
         log_histograms_every_n_steps: int | None = None,
         verbose: bool = True,
+        bitwidth_overrides: dict[str, int] | None = None,
+        activation_grid: str = "signed",
+        interval: str = "epoch",
+        bn_reestimate: bool = False,
+        lr_rewarm_steps: int = 0,
     ) -> None:
         self.schedule = as_schedule(schedule)
         self.quantize_weights = check_bool(quantize_weights, "quantize_weights")
@@ -92,17 +113,32 @@ class QuantizationAwareTraining(Callback):
             log_histograms_every_n_steps, "log_histograms_every_n_steps"
         )
         self.verbose = check_bool(verbose, "verbose")
-        # The epoch whose bitwidth the model runs at: saved in checkpoints (a plain int), so
-        # that test(ckpt_path=...) evaluates at the bitwidth the checkpoint was trained at.
+        self.bitwidth_overrides = check_overrides(bitwidth_overrides)
+        if activation_grid not in GRIDS:
+            raise ValueError(f"`activation_grid` must be one of {', '.join(GRIDS)}, got {activation_grid!r}")
+        self.activation_grid = activation_grid
+        if interval not in ("epoch", "step"):
+            raise ValueError(f"`interval` must be 'epoch' or 'step', got {interval!r}")
+        self.interval = interval
+        self.bn_reestimate = check_bool(bn_reestimate, "bn_reestimate")
+        if isinstance(lr_rewarm_steps, bool) or not isinstance(lr_rewarm_steps, numbers.Integral) or lr_rewarm_steps < 0:
+            raise ValueError(f"`lr_rewarm_steps` must be an int >= 0, got {lr_rewarm_steps!r}")
+        self.lr_rewarm_steps = int(lr_rewarm_steps)
+        # The epoch (or step, with interval="step") whose bitwidth the model runs at: saved in
+        # checkpoints (a plain int), so that test(ckpt_path=...) evaluates at the bitwidth
+        # the checkpoint was trained at.
         self.epoch: int | None = None
         self.bitwidth: int = self.schedule(0)
         self.quantized_layers: list[str] = []
         self._recording_step: int | None = None  # the global step whose statistics are being taken
         self._last_logged_step: int | None = None
+        self._bn_momentum: dict[nn.Module, float | None] = {}  # BatchNorms re-estimating
+        self._rewarm_start: int | None = None  # global step where the LR re-warm began
+        self._unscaled_lrs: list[tuple[dict, float]] = []
 
     # ---------------------------------------------------------------- attach and schedule
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if trainer.max_epochs is not None and trainer.max_epochs > 0:
+        if self.interval == "epoch" and trainer.max_epochs is not None and trainer.max_epochs > 0:
             for epoch in range(trainer.max_epochs):  # any bad answer fails before training
                 self.schedule(epoch)
         self.quantized_layers = ta.attach(
@@ -111,6 +147,8 @@ class QuantizationAwareTraining(Callback):
             weights=self.quantize_weights,
             activations=self.quantize_activations,
             exclude=self.exclude,
+            bitwidth_overrides=self.bitwidth_overrides,
+            activation_grid=self.activation_grid,
         )
         if not self.quantized_layers:
             excluded = f" (exclude={list(self.exclude)})" if self.exclude else ""
@@ -119,34 +157,88 @@ class QuantizationAwareTraining(Callback):
                 "QuantizationAwareTraining quantizes nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention"
             )
 
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if self.interval == "step":  # every step's bitwidth checked before the first step
+            for step in range(min(int(trainer.estimated_stepping_batches), 10**6)):
+                self.schedule(step)
+
+    def _position(self, trainer: Trainer) -> int:
+        return trainer.global_step if self.interval == "step" else trainer.current_epoch
+
     def on_sanity_check_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply_epoch(trainer.current_epoch, pl_module)  # restored by now when resuming
+        self._apply(self._position(trainer), trainer, pl_module)  # restored by now when resuming
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply_epoch(trainer.current_epoch, pl_module)
+        self._restore_bn_momentum()
+        if self.interval == "epoch":
+            self._apply(trainer.current_epoch, trainer, pl_module)
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore_bn_momentum()
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn != "fit":  # during fit the training epoch has set the bitwidth
-            self._apply_epoch(self.epoch if self.epoch is not None else trainer.current_epoch, pl_module)
+        if trainer.state.fn != "fit":  # during fit the training loop has set the bitwidth
+            self.on_test_start(trainer, pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._apply_epoch(self.epoch if self.epoch is not None else trainer.current_epoch, pl_module)
+        self._apply(self.epoch if self.epoch is not None else self._position(trainer), trainer, pl_module)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.on_test_start(trainer, pl_module)
 
-    def _apply_epoch(self, epoch: int, pl_module: LightningModule) -> None:
-        bitwidth = self.schedule(epoch)
+    def _apply(self, position: int, trainer: Trainer, pl_module: LightningModule) -> None:
+        bitwidth = self.schedule(position)
+        if bitwidth < self.bitwidth and trainer.training:
+            self._on_bitwidth_drop(trainer, pl_module, bitwidth)
         if self.verbose and bitwidth != self.bitwidth:
-            rank_zero_info(f"QuantizationAwareTraining: epoch {epoch}, {self.bitwidth} -> {bitwidth} bits")
-        self.epoch, self.bitwidth = epoch, bitwidth
+            rank_zero_info(f"QuantizationAwareTraining: {self.interval} {position}, {self.bitwidth} -> {bitwidth} bits")
+        self.epoch, self.bitwidth = position, bitwidth
         ta.set_bitwidth(pl_module, bitwidth)
+
+    # ------------------------------------------------------------ bitwidth transitions
+    def _on_bitwidth_drop(self, trainer: Trainer, pl_module: LightningModule, bitwidth: int) -> None:
+        for logger in trainer.loggers:
+            logger.log_metrics({"quant/transition": float(bitwidth)}, step=trainer.global_step)
+        if self.bn_reestimate:
+            for module in pl_module.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
+                    module.reset_running_stats()
+                    self._bn_momentum.setdefault(module, module.momentum)
+                    module.momentum = None  # a cumulative average of every batch from now on
+        if self.lr_rewarm_steps:
+            self._rewarm_start = trainer.global_step
+
+    def _restore_bn_momentum(self) -> None:
+        for module, momentum in self._bn_momentum.items():
+            module.momentum = momentum
+        self._bn_momentum.clear()
+
+    def _scale_lr_for_rewarm(self, trainer: Trainer) -> None:
+        if self._rewarm_start is None:
+            return
+        done = trainer.global_step - self._rewarm_start
+        if done >= self.lr_rewarm_steps:
+            self._rewarm_start = None
+            return
+        factor = (done + 1) / self.lr_rewarm_steps
+        for optimizer in trainer.optimizers:
+            for group in optimizer.param_groups:
+                self._unscaled_lrs.append((group, group["lr"]))
+                group["lr"] = group["lr"] * factor
+
+    def _unscale_lr(self) -> None:
+        for group, lr in self._unscaled_lrs:
+            group["lr"] = lr
+        self._unscaled_lrs.clear()
 
     # ------------------------------------------------------------------------ telemetry
     def _interval(self, trainer: Trainer) -> int:
         return self.log_every_n_steps or trainer.log_every_n_steps
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
+        if self.interval == "step":
+            self._apply(trainer.global_step, trainer, pl_module)
+        self._scale_lr_for_rewarm(trainer)
         step = trainer.global_step
         if trainer.loggers and step % self._interval(trainer) == 0 and step != self._last_logged_step:
             ta.enable_statistics(pl_module, True)
@@ -155,6 +247,7 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
+        self._unscale_lr()
         step = self._recording_step
         if step is None:
             return

@@ -96,6 +96,12 @@ def test_callbacks_compose_as_a_dict():
     assert qat.exclude == ("net.classifier",) and qat.log_every_n_steps == 7
     assert qat.schedule(25) == 4  # the default anneal ends at 4 bits
     assert "qat" not in config("~callbacks.qat").callbacks
+    low_bit = instantiate(config("callbacks.qat.bitwidth_overrides={net.features.0:8,net.classifier:8}",
+                                 "callbacks.qat.activation_grid=auto", "callbacks.qat.interval=step",
+                                 "callbacks.qat.bn_reestimate=true", "callbacks.qat.lr_rewarm_steps=20").callbacks.qat,
+                          _convert_="all")
+    assert low_bit.bitwidth_overrides == {"net.features.0": 8, "net.classifier": 8}
+    assert (low_bit.activation_grid, low_bit.interval, low_bit.bn_reestimate, low_bit.lr_rewarm_steps) == ("auto", "step", True, 20)
 
 
 @pytest.mark.parametrize("option", ["tensorboard", "csv"])

@@ -62,7 +62,8 @@ def test_every_quant_tag_reaches_tensorboard_with_finite_values(tmp_path):
         for kind in ("weight", "input")
         for stat in ("scale_factor", "mse", "sqnr_db")
     }
-    assert quant_tags == expected
+    assert quant_tags == expected | {"quant/transition"}
+    assert scalars["quant/transition"] == [(4, 6.0), (8, 4.0)]  # each drop, at its step
     for tag in expected:
         assert [step for step, _ in scalars[tag]] == [0, 4, 8], tag
         assert all(math.isfinite(value) for _, value in scalars[tag]), tag
@@ -263,3 +264,69 @@ def test_callable_schedule_with_a_bad_later_epoch_fails_before_training(tmp_path
     with pytest.raises(ValueError, match=r"`schedule\(2\)` must be an int in 2\.\.32, got 1"):
         trainer.fit(TinyClassifier())
     assert probe.train == {}
+
+
+# --------------------------------------------------------------- low-bit training options
+class StepProbe(Callback):
+    """Bitwidth, learning rate and BatchNorm state seen inside each training step."""
+
+    def __init__(self):
+        self.bits, self.lrs, self.bn = {}, {}, {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        step = trainer.global_step
+        self.bits[step] = BitwidthProbe._bits(pl_module)
+        self.lrs[step] = trainer.optimizers[0].param_groups[0]["lr"]
+        bn = next((m for m in pl_module.modules() if isinstance(m, nn.BatchNorm1d)), None)
+        if bn is not None:
+            self.bn[step] = (bn.momentum, int(bn.num_batches_tracked))
+
+
+class BNClassifier(TinyClassifier):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def test_step_interval_follows_the_global_step(tmp_path):
+    probe = StepProbe()
+    _, _, epochs = fit(tmp_path, lambda step: 8 if step < 3 else (6 if step < 6 else 4), max_epochs=3,
+                       qat_kwargs={"interval": "step"}, extra_callbacks=[probe])
+    assert [probe.bits[s] for s in range(12)] == [{8}] * 3 + [{6}] * 3 + [{4}] * 6
+    assert epochs.val == {0: {6}, 1: {4}, 2: {4}}  # validation at the current bitwidth
+
+
+def test_bitwidth_drop_resets_batchnorm_and_rewarms_the_learning_rate(tmp_path):
+    probe = StepProbe()
+    fit(tmp_path, {0: 8, 1: 4}, model=BNClassifier(), max_epochs=3, extra_callbacks=[probe],
+        qat_kwargs={"bn_reestimate": True, "lr_rewarm_steps": 3})
+    # epoch 1 (steps 4-7) starts at 4 bits: statistics restart, averaged cumulatively
+    assert [probe.bn[s] for s in range(4, 8)] == [(None, 0), (None, 1), (None, 2), (None, 3)]
+    assert probe.bn[8] == (0.1, 4)  # the next epoch: the module's own momentum again
+    lr = 0.05
+    assert [probe.lrs[s] for s in range(3, 9)] == pytest.approx([lr, lr / 3, 2 * lr / 3, lr, lr, lr])
+    scalars = read_scalars(tmp_path / "tb" / "version_0")
+    assert scalars["quant/transition"] == [(4, 4.0)]
+
+
+def test_overrides_and_activation_grid_through_the_callback(tmp_path):
+    _, model, probe = fit(tmp_path, {0: 8, 1: 3}, max_epochs=2,
+                          qat_kwargs={"bitwidth_overrides": {"net.2": 8}, "activation_grid": "auto"})
+    assert probe.train == {0: {8}, 1: {3, 8}}
+    assert model.net[2].weight_quantizer.bitwidth == 8 and model.net[0].weight_quantizer.bitwidth == 3
+    assert model.net[2].input_quantizer.grid == "auto"
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"interval": "batch"}, ValueError, r"`interval` must be 'epoch' or 'step', got 'batch'"),
+        ({"lr_rewarm_steps": -1}, ValueError, r"`lr_rewarm_steps` must be an int >= 0, got -1"),
+        ({"bn_reestimate": "yes"}, TypeError, r"`bn_reestimate` must be True or False"),
+        ({"activation_grid": "none"}, ValueError, r"`activation_grid` must be one of"),
+        ({"bitwidth_overrides": {"net.0": 40}}, ValueError, r"`bitwidth_overrides\['net.0'\]` must be an int in 2\.\.32, got 40"),
+    ],
+)
+def test_bad_low_bit_arguments_fail_in_the_constructor(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        QuantizationAwareTraining(8, **kwargs)

@@ -344,3 +344,39 @@ def test_importing_torchapprox_imports_no_lightning_hydra_or_omegaconf():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_bitwidth_overrides_pin_layers_whatever_set_bitwidth_says():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    ta.attach(model, 4, bitwidth_overrides={"0": 8, "4": 8})
+    assert ta.set_bitwidth(model, 2) == 2  # only layer 2's two quantizers follow
+    bits = {name: {q.bitwidth for q in layer.children()} for name, layer in ta.quantized_layers(model).items()}
+    assert bits == {"0": {8}, "2": {2}, "4": {8}}
+    x = torch.randn(3, 4)
+    h = F.relu(F.linear(_fq(x, 8), _fq(model[0].weight, 8), model[0].bias))
+    h = F.relu(F.linear(_fq(h, 2), _fq(model[2].weight, 2), model[2].bias))
+    assert torch.equal(model(x), F.linear(_fq(h, 8), _fq(model[4].weight, 8), model[4].bias))
+
+
+def test_activation_grid_applies_to_inputs_only():
+    model = mlp()
+    ta.attach(model, 3, activation_grid="auto")
+    assert model[2].input_quantizer.grid == "auto" and model[2].weight_quantizer.grid == "signed"
+    x = torch.randn(5, 6)
+    hidden = F.relu(model[0](x))
+    unsigned = ta.MinMaxQuant(3, grid="unsigned")
+    assert torch.equal(model(x), F.linear(unsigned(hidden), _fq(model[2].weight, 3), model[2].bias))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, message",
+    [
+        ({"bitwidth_overrides": {"0": 1}}, ValueError, r"`bitwidth_overrides\['0'\]` must be an int in 2\.\.32, got 1"),
+        ({"bitwidth_overrides": [("0", 8)]}, TypeError, r"`bitwidth_overrides` must be a dict"),
+        ({"bitwidth_overrides": {0: 8}}, TypeError, r"keys must be fnmatch patterns"),
+        ({"activation_grid": "unsigend"}, ValueError, r"`activation_grid` must be one of signed, unsigned, auto"),
+    ],
+)
+def test_bad_low_bit_options(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        ta.attach(mlp(), 4, **kwargs)

@@ -159,3 +159,58 @@ def test_forward_needs_no_values_on_the_host():
 
 def test_scale_factor_is_none_before_the_first_call():
     assert MinMaxQuant(8).scale_factor is None
+
+
+# ------------------------------------------------------------- unsigned and auto grids
+def unsigned_oracle(x, bitwidth):
+    top = 2**bitwidth - 1
+    scale = float(x.max()) / top
+    return torch.fake_quantize_per_tensor_affine(x, scale, 0, 0, top)
+
+
+@pytest.mark.parametrize("bitwidth", [2, 3, 4, 8])
+def test_unsigned_grid_uses_every_level_from_zero(bitwidth):
+    q = MinMaxQuant(bitwidth, grid="unsigned")
+    top = 2**bitwidth - 1
+    assert q.unsigned_max == top
+    ramp = torch.linspace(0, 1, 8 * (top + 1) + 1)
+    assert torch.equal(q.quantize(ramp).unique(), torch.arange(0, top + 1, dtype=ramp.dtype))
+    x = torch.rand(4096) * 2
+    grid_step = float(x.max()) / top
+    differs = ((q(x) - unsigned_oracle(x, bitwidth)).abs() > grid_step / 2).float().mean()
+    assert differs <= 0.001  # equal but at rounding ties
+    assert torch.allclose(q(x), q.quantize(x) / q.scale_factor)
+
+
+def test_unsigned_grid_clips_negative_values_to_zero():
+    q = MinMaxQuant(2, grid="unsigned")
+    x = torch.tensor([-1.0, 0.3, 1.0], requires_grad=True)
+    assert q.quantize(x).tolist() == [0.0, 1.0, 3.0]
+    y = q(x)
+    assert torch.allclose(y, torch.tensor([0.0, 1 / 3, 1.0]))
+    y.sum().backward()
+    assert x.grad.tolist() == [0.0, 1.0, 1.0]  # clipped values pass no gradient
+
+
+def test_auto_grid_chooses_per_tensor():
+    torch.manual_seed(0)
+    auto, signed, unsigned = MinMaxQuant(3, grid="auto"), MinMaxQuant(3), MinMaxQuant(3, grid="unsigned")
+    positive = torch.rand(1000)
+    mixed = torch.randn(1000)
+    assert torch.equal(auto(positive), unsigned(positive))
+    assert torch.equal(auto.quantize(positive), unsigned.quantize(positive))
+    assert torch.equal(auto(mixed), signed(mixed))
+    assert torch.equal(auto.quantize(mixed), signed.quantize(mixed))
+    assert auto(torch.zeros(4)).tolist() == [0.0] * 4 and torch.isfinite(auto.scale_factor)
+
+
+def test_auto_grid_needs_no_values_on_the_host():
+    q = MinMaxQuant(4, grid="auto")
+    x = torch.randn(16, device="meta", requires_grad=True)
+    q(x).sum().backward()
+    q.quantize(x.detach())
+
+
+def test_bad_grid_is_rejected():
+    with pytest.raises(ValueError, match=r"`grid` must be one of signed, unsigned, auto, got 'positive'"):
+        MinMaxQuant(4, grid="positive")

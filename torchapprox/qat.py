@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import fnmatch
 import functools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -29,7 +29,8 @@ from torch import nn
 from .layer_forward import quantize_attention_inputs, quantize_layer_input, quantized_forward
 from .quantizers import ApproxQuantizer, MinMaxQuant
 from .quantizers.approx_quantizer import check_bitwidth
-from .validation import check_bool, check_patterns
+from .quantizers.minmax_quantizer import GRIDS
+from .validation import check_bool, check_overrides, check_patterns
 
 QUANTIZABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 ATTENTION_INPUT_QUANTIZERS = ("input_quantizer", "key_quantizer", "value_quantizer")
@@ -46,6 +47,8 @@ def attach(
     weights: bool = True,
     activations: bool = True,
     exclude: str | Iterable[str] = (),
+    bitwidth_overrides: Mapping[str, int] | None = None,
+    activation_grid: str = "signed",
 ) -> list[str]:
     """Put ``MinMaxQuant`` quantizers on the weights and inputs of ``model``'s layers.
 
@@ -55,6 +58,13 @@ def attach(
         weights: quantize the weights of each layer.
         activations: quantize the input of each layer.
         exclude: fnmatch patterns over qualified layer names (``"classifier"``, ``"*.out_proj"``).
+        bitwidth_overrides: ``{pattern: bits}``: layers whose name matches keep these bits,
+            whatever ``set_bitwidth`` later sets (e.g. first and last layer at 8 bits). The
+            first matching pattern wins.
+        activation_grid: grid of the input quantizers: ``"signed"`` (symmetric, the
+            default), ``"unsigned"`` ([0, 2^b - 1]) or ``"auto"`` (unsigned for a
+            non-negative input, such as a ReLU's output, chosen per tensor). Weights are
+            always quantized on the signed grid.
 
     Returns:
         The qualified names (as ``model.named_modules()`` spells them) of the quantized
@@ -73,6 +83,9 @@ def attach(
     if not (weights or activations):
         raise ValueError("`weights` and `activations` are both False: nothing would be quantized")
     patterns = check_patterns(exclude)
+    overrides = check_overrides(bitwidth_overrides)
+    if activation_grid not in GRIDS:
+        raise ValueError(f"`activation_grid` must be one of {', '.join(GRIDS)}, got {activation_grid!r}")
 
     detach(model)
     chosen = {
@@ -83,13 +96,15 @@ def attach(
     }
     for name, layer in chosen.items():
         _check_materialized(name, layer)
+        pinned = next((bits for pattern, bits in overrides.items() if fnmatch.fnmatchcase(name, pattern)), None)
+        layer_bits = bitwidth if pinned is None else pinned
         weight_names = _weight_names(layer) if weights else ()
         for weight_name in weight_names:
-            layer.add_module(f"{weight_name}_quantizer", MinMaxQuant(bitwidth))
+            layer.add_module(f"{weight_name}_quantizer", _quantizer(layer_bits, pinned is not None))
         if activations:
             inputs = ATTENTION_INPUT_QUANTIZERS if _is_attention(layer) else ("input_quantizer",)
             for input_name in inputs:
-                quantizer = MinMaxQuant(bitwidth)
+                quantizer = _quantizer(layer_bits, pinned is not None, grid=activation_grid)
                 quantizer.offer_recompute = True  # see layer_forward._save_inputs_not_grid_values
                 layer.add_module(input_name, quantizer)
         _wrap(layer, weight_names)
@@ -102,14 +117,22 @@ def attach(
 
 
 def set_bitwidth(model: nn.Module, bitwidth: int) -> int:
-    """Set every quantizer in ``model`` to ``bitwidth``; returns how many were set."""
+    """Set every quantizer in ``model`` to ``bitwidth``, except those pinned by
+    ``bitwidth_overrides``; returns how many were set."""
     bitwidth = check_bitwidth(bitwidth)
     quantizers = [m for m in model.modules() if isinstance(m, ApproxQuantizer)]
     if not quantizers:
         raise ValueError("`model` has no quantizers to set a bitwidth on: call attach(model) first")
-    for quantizer in quantizers:
+    free = [q for q in quantizers if not getattr(q, "pinned", False)]
+    for quantizer in free:
         quantizer.bitwidth = bitwidth
-    return len(quantizers)
+    return len(free)
+
+
+def _quantizer(bitwidth: int, pinned: bool, grid: str = "signed") -> MinMaxQuant:
+    quantizer = MinMaxQuant(bitwidth, grid=grid)
+    quantizer.pinned = pinned  # set_bitwidth leaves a pinned quantizer at its own bits
+    return quantizer
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+
+from .quantizers.approx_quantizer import check_bitwidth
 
 
 def check_bool(value: object, name: str) -> bool:
@@ -24,3 +26,17 @@ def check_patterns(exclude: str | Iterable[str], name: str = "exclude") -> tuple
         if not isinstance(pattern, str):
             raise TypeError(f"`{name}` must hold fnmatch patterns (str), got {pattern!r}")
     return patterns
+
+
+def check_overrides(overrides: Mapping[str, int] | None, name: str = "bitwidth_overrides") -> dict[str, int]:
+    """``{fnmatch pattern: bits}`` with every bitwidth checked; None is no override."""
+    if overrides is None:
+        return {}
+    if not isinstance(overrides, Mapping):
+        raise TypeError(f"`{name}` must be a dict {{layer pattern: bits}}, got {overrides!r}")
+    checked = {}
+    for pattern, bits in overrides.items():
+        if not isinstance(pattern, str):
+            raise TypeError(f"`{name}` keys must be fnmatch patterns (str), got {pattern!r}")
+        checked[pattern] = check_bitwidth(bits, f"{name}[{pattern!r}]")
+    return checked

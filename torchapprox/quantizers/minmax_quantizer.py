@@ -1,4 +1,4 @@
-"""MinMaxQuant: the stateless symmetric per-tensor min/max quantizer."""
+"""MinMaxQuant: the stateless per-tensor min/max quantizer (symmetric signed by default)."""
 
 from __future__ import annotations
 
@@ -30,6 +30,27 @@ def _scale_factor(minmax: torch.Tensor, int_max: int) -> torch.Tensor:
     return torch.where(minmax > 0, int_max / minmax, 1.0)
 
 
+GRIDS = ("signed", "unsigned", "auto")
+
+
+def _unsigned_range(x: torch.Tensor, bitwidth: int, grid: str):
+    """(lower, upper, scale) of the unsigned grid [0, 2^b - 1], or for ``grid="auto"`` of
+    whichever grid fits this tensor: unsigned when min(x) >= 0, else signed. The choice is
+    a torch.where on the device, so it costs no host sync."""
+    low, high = torch.aminmax(x.detach())
+    dtype = _compute_dtype(x)
+    low, high = low.to(dtype), high.to(dtype)
+    unsigned_max, signed_max = 2**bitwidth - 1, 2 ** (bitwidth - 1) - 1
+    if grid == "unsigned":
+        upper = high.clamp_min(0)
+        return torch.zeros_like(upper), upper, _scale_factor(upper, unsigned_max)
+    unsigned = low >= 0
+    upper = torch.maximum(low.neg(), high)  # == high when unsigned
+    # Both scales computed as in the fixed grids, so "auto" equals one of them bit for bit.
+    scale = torch.where(unsigned, _scale_factor(upper, unsigned_max), _scale_factor(upper, signed_max))
+    return torch.where(unsigned, 0.0, -upper), upper, scale
+
+
 def _fake_quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The grid values of ``x`` for a known scale: the one elementwise pass of FakeQuant."""
     if x.dtype == scale.dtype:  # the common case, without the dispatch of two no-op .to()
@@ -38,11 +59,16 @@ def _fake_quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Ten
 
 
 class MinMaxQuant(ApproxQuantizer):
-    """Symmetric per-tensor min/max quantizer.
+    """Per-tensor min/max quantizer, symmetric and signed by default.
 
     ``minmax = max|x|`` of the tensor being quantized, ``scale_factor = int_max / minmax``,
     ``quantize(x) = round(clamp(x, -minmax, minmax) * scale_factor)``. Nothing is accumulated
     between calls: the scale factor of the last call is kept only so it can be read.
+
+    ``grid="unsigned"`` uses the integer range [0, 2^b - 1] with ``minmax = max(x)``
+    (negative values are clipped to 0): a non-negative tensor, such as the output of a ReLU,
+    gets all 2^b levels instead of the 2^(b-1) non-negative levels of the signed grid.
+    ``grid="auto"`` chooses per tensor: unsigned when ``min(x) >= 0``, signed otherwise.
 
     Example::
 
@@ -84,9 +110,34 @@ class MinMaxQuant(ApproxQuantizer):
         def backward(ctx, grad_x_fake: torch.Tensor):
             return grad_x_fake, None
 
-    def __init__(self, bitwidth: int = 8) -> None:
+    class QuantRange(torch.autograd.Function):
+        """round(clamp(x, lower, upper) * scale), straight through the rounding (any grid)."""
+
+        @staticmethod
+        def forward(ctx, x, lower, upper, scale):
+            ctx.save_for_backward(scale)
+            compute = x.to(scale.dtype)
+            return torch.clamp(compute, lower, upper).mul_(scale).round_().to(x.dtype)
+
+        @staticmethod
+        def backward(ctx, grad):
+            (scale,) = ctx.saved_tensors
+            return (grad * scale).to(grad.dtype), None, None, None
+
+    def __init__(self, bitwidth: int = 8, *, grid: str = "signed") -> None:
         super().__init__(bitwidth)
+        if grid not in GRIDS:
+            raise ValueError(f"`grid` must be one of {', '.join(GRIDS)}, got {grid!r}")
+        self.grid = grid
         self._scale_factor: torch.Tensor | None = None
+
+    @property
+    def unsigned_max(self) -> int:
+        """Largest level of the unsigned grid: 2^b - 1 (4 bits -> [0, 15])."""
+        return 2**self.bitwidth - 1
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + ("" if self.grid == "signed" else f", grid={self.grid!r}")
 
     @property
     def scale_factor(self) -> torch.Tensor | None:
@@ -96,6 +147,9 @@ class MinMaxQuant(ApproxQuantizer):
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x.clone()
+        if self.grid != "signed":
+            lower, upper, self._scale_factor = _unsigned_range(x, self.bitwidth, self.grid)
+            return MinMaxQuant.QuantRange.apply(x, lower, upper, self._scale_factor)
         minmax = _abs_max(x)
         self._scale_factor = _scale_factor(minmax, self.int_max)
         return MinMaxQuant.Quant.apply(x, minmax, self.int_max)
@@ -103,7 +157,13 @@ class MinMaxQuant(ApproxQuantizer):
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x.clone()
-        scale = self._scale_factor = _scale_factor(_abs_max(x), self.int_max)
+        if self.grid == "signed":
+            scale = _scale_factor(_abs_max(x), self.int_max)
+        else:
+            _, _, scale = _unsigned_range(x, self.bitwidth, self.grid)
+            if self.grid == "unsigned":
+                x = x.clamp_min(0)  # below the grid: clipped, with clipped gradient
+        self._scale_factor = scale
         x_fake = MinMaxQuant.FakeQuant.apply(x, scale)
         if self.offer_recompute and torch.is_grad_enabled():
             # The grid values are a pure function of x and the scale: a layer that saves
