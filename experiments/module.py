@@ -15,8 +15,11 @@ class Classifier(LightningModule):
     Logs ``train/loss``, ``val/loss``, ``val/acc``, ``test/loss`` and ``test/acc``.
     """
 
-    def __init__(self, net: nn.Module, num_classes: int | None = None, lr: float = 3e-3, weight_decay: float = 0.0) -> None:
+    def __init__(self, net: nn.Module, num_classes: int | None = None, lr: float = 3e-3, weight_decay: float = 0.0,
+                 lr_schedule: str = "constant") -> None:
         super().__init__()
+        if lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"`model.lr_schedule` must be 'constant' or 'cosine', got {lr_schedule!r}")
         if not isinstance(lr, (int, float)) or lr <= 0:
             raise ValueError(f"`model.lr` must be a number > 0, got {lr!r}")
         if not isinstance(weight_decay, (int, float)) or weight_decay < 0:
@@ -52,7 +55,12 @@ class Classifier(LightningModule):
         self.log(f"{stage}/acc", accuracy, prog_bar=True)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
+        if self.hparams.lr_schedule == "constant":
+            return optimizer
+        # cosine: from lr down to 0 over the whole run, stepped per epoch
+        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(1, self.trainer.max_epochs))
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
 
 
 def _output_features(net: nn.Module) -> int:

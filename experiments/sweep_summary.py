@@ -94,6 +94,7 @@ def aggregate(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
             "series": _key(members[0], series_keys),
             "bitwidth": members[0].get("bitwidth"),
             "n": len(values),
+            "values": values,
             "mean": statistics.fmean(values) if values else float("nan"),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         })
@@ -116,6 +117,31 @@ def _format(value: Any) -> str:
     return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
+def _pivot(cells: list[dict[str, Any]], metric: str) -> list[str]:
+    """One row per series, one column per final bitwidth: mean ± std (the results table)."""
+    columns = sorted({c["bitwidth"] for c in cells if c["bitwidth"] is not None}) + (
+        [None] if any(c["bitwidth"] is None for c in cells) else [])
+    series: dict[str, dict[Any, list[dict[str, Any]]]] = defaultdict(lambda: defaultdict(list))
+    for cell in cells:
+        series[cell["series"]][cell["bitwidth"]].append(cell)
+    names = ["fp32" if b is None else f"{b} bits" for b in columns]
+    lines = [f"## {metric}: mean ± std over seeds, by final bitwidth", "",
+             "| series | " + " | ".join(names) + " |", "|---|" + "---:|" * len(columns)]
+    for name, by_bits in series.items():
+        entries = []
+        for bits in columns:
+            members = by_bits.get(bits, [])
+            if not members:
+                entries.append("")
+                continue
+            # fp32 cells of one series (one per swept bitwidth) pool into one entry
+            values = [v for m in members for v in m["values"]]
+            std = statistics.stdev(values) if len(values) > 1 else 0.0
+            entries.append(f"{100 * statistics.fmean(values):.2f} ± {100 * std:.2f}")
+        lines.append(f"| {name} | " + " | ".join(entries) + " |")
+    return lines + [""]
+
+
 def _markdown(rows: list[dict[str, Any]], cells: list[dict[str, Any]], metric: str) -> str:
     lines = ["# Sweep summary", "", "## Jobs", "",
              "| job | overrides | status | " + " | ".join(METRICS) + " | bitwidth | error |",
@@ -124,7 +150,7 @@ def _markdown(rows: list[dict[str, Any]], cells: list[dict[str, Any]], metric: s
         values = " | ".join(_format(row.get(m)) for m in METRICS)
         bitwidth = _format(row.get("bitwidth")) if row["status"] == "ok" else ""
         lines.append(f"| {row['job']} | {row['overrides']} | {row['status']} | {values} | {bitwidth} | {row.get('error', '')} |")
-    lines += ["", f"## {metric}: mean ± std over seeds", "",
+    lines += [""] + _pivot(cells, metric) + [f"## {metric}: mean ± std over seeds, per cell", "",
               "| cell | final bitwidth | n | mean | std |", "|---|---:|---:|---:|---:|"]
     for cell in cells:
         bits = cell["bitwidth"] if cell["bitwidth"] is not None else "fp32"
@@ -147,8 +173,9 @@ def _plot(cells: list[dict[str, Any]], path: Path, metric: str) -> None:
         if quantized:
             axes.errorbar([c["bitwidth"] for c in quantized], [c["mean"] for c in quantized],
                           yerr=[c["std"] for c in quantized], marker="o", capsize=3, label=name)
-        for baseline in (c for c in members if c["bitwidth"] is None):
-            axes.axhline(baseline["mean"], linestyle="--", color="gray", label=f"{name} (fp32)")
+        baseline = [v for c in members if c["bitwidth"] is None for v in c["values"]]
+        if baseline:  # one line for the series, however many swept bitwidths it ran under
+            axes.axhline(statistics.fmean(baseline), linestyle="--", color="gray", label=f"{name} (fp32)")
     axes.set_xlabel("final bitwidth")
     axes.set_ylabel(f"{metric} (mean ± std over seeds)")
     axes.set_title("Accuracy against bitwidth")

@@ -16,7 +16,7 @@ from omegaconf import OmegaConf
 
 from callbacks import QuantizationAwareTraining
 from callbacks.schedules import BitwidthSchedule
-from experiments.sweep_summary import aggregate, collect_jobs
+from experiments.sweep_summary import aggregate, collect_jobs, write_summary
 from experiments.train import run
 from lit_helpers import read_scalars
 
@@ -81,6 +81,7 @@ def test_model_options_classify_digit_shaped_inputs(option):
         (["schedule=step", "schedule.milestones.20=2"], [16] * 10 + [8] * 10 + [2] * 10),
         (["schedule=linear", "bits=4"], [round(16 - 12 * e / 20 + 1e-9) for e in range(21)]),
         (["schedule=cosine", "schedule.end_epoch=2", "bits=8"], [16, 12, 8]),
+        (["schedule=warmup", "bits=2"], [16] * 10 + [2] * 5),
     ],
 )
 def test_schedule_options(overrides, expected):
@@ -130,6 +131,28 @@ def test_trainer_options():
 )
 def test_launcher_options_compose(launcher, target):
     assert config(f"hydra/launcher={launcher}", hydra=True).hydra.launcher._target_ == target
+
+
+@pytest.mark.parametrize(
+    "recipe, schedule, overrides, grid",
+    [
+        ("constant", "ConstantBitwidth", {}, "signed"),
+        ("naive_anneal", "StepBitwidth", {}, "signed"),
+        ("lowbit", "ConstantBitwidth", {"net.features.0": 8, "net.classifier": 8}, "auto"),
+    ],
+)
+def test_recipes_compose(recipe, schedule, overrides, grid):
+    qat = instantiate(config(f"+recipe={recipe}", "bits=3").callbacks.qat, _convert_="all")
+    assert type(qat.schedule).__name__ == schedule and qat.schedule(29) == 3
+    assert qat.bitwidth_overrides == overrides and qat.activation_grid == grid
+
+
+def test_fp32_recipe_and_results_preset(tmp_path):
+    assert config("+recipe=fp32").callbacks.qat is None
+    result = run(config(*FAST, "+recipe=fp32", "trainer.max_epochs=1"), tmp_path)
+    assert result["bitwidth"] is None
+    cfg = config("+experiment=lowbit_results", hydra=True)
+    assert dict(cfg.hydra.sweeper.params) == {"+recipe": "fp32,constant,naive_anneal,lowbit", "bits": "2,3,4,8", "seed": "0,1,2"}
 
 
 def test_bitwidth_sweep_preset():
@@ -280,3 +303,7 @@ def test_summary_mean_and_std_over_seeds(tmp_path):
     assert cells["schedule=constant"]["mean"] == pytest.approx(0.6)
     assert cells["schedule=constant"]["std"] == pytest.approx(0.1414213562)
     assert cells["schedule=step"]["n"] == 2 and cells["schedule=step"]["mean"] == pytest.approx(0.85)
+    write_summary(collect_jobs(tmp_path), tmp_path)
+    markdown = (tmp_path / "summary.md").read_text()
+    assert "| series | 4 bits |" in markdown
+    assert "| schedule=constant | 60.00 ± 14.14 |" in markdown and "| schedule=step | 85.00 ± 7.07 |" in markdown
