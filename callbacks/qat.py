@@ -59,8 +59,11 @@ class QuantizationAwareTraining(Callback):
         verbose: print the bitwidth on rank zero whenever it changes.
         bitwidth_overrides: ``{layer pattern: bits}`` kept whatever the schedule says (e.g.
             ``{"net.features.0": 8, "net.classifier": 8}``: first and last layer at 8 bits).
-        activation_grid: ``"signed"`` (default), ``"unsigned"`` or ``"auto"``: the grid of
-            the input quantizers (see :class:`torchapprox.MinMaxQuant`).
+        activation_grid: the grid of the input quantizers (see :class:`torchapprox.MinMaxQuant`):
+            ``"auto"`` (default: unsigned [0, 2^b - 1] for a non-negative input such as a
+            ReLU's output, signed otherwise; chosen from the sweeps in the README's Results,
+            where it turns 2-bit training from ~50% into ~97% accuracy), ``"signed"`` or
+            ``"unsigned"``. Weights are always on the signed grid.
         interval: ``"epoch"`` (default): the schedule is a function of the epoch, applied
             at each epoch start; ``"step"``: of the global step, applied at each step.
         bn_reestimate: when the bitwidth drops, reset every BatchNorm's running statistics
@@ -95,7 +98,7 @@ class QuantizationAwareTraining(Callback):
         log_histograms_every_n_steps: int | None = None,
         verbose: bool = True,
         bitwidth_overrides: dict[str, int] | None = None,
-        activation_grid: str = "signed",
+        activation_grid: str = "auto",
         interval: str = "epoch",
         bn_reestimate: bool = False,
         lr_rewarm_steps: int = 0,
