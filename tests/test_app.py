@@ -147,6 +147,12 @@ def test_recipes_compose(recipe, schedule, overrides, grid):
     assert qat.bitwidth_overrides == overrides and qat.activation_grid == grid
 
 
+def test_lowbit_experiment_preset_is_the_lowbit_recipe():
+    preset, recipe = config("+experiment=lowbit", "bits=2"), config("+recipe=lowbit", "bits=2")
+    assert OmegaConf.to_container(preset, resolve=True) == OmegaConf.to_container(recipe, resolve=True)
+    assert preset.callbacks.qat.bitwidth_overrides == {"net.features.0": 8, "net.classifier": 8}
+
+
 def test_fp32_recipe_and_results_preset(tmp_path):
     assert config("+recipe=fp32").callbacks.qat is None
     result = run(config(*FAST, "+recipe=fp32", "trainer.max_epochs=1"), tmp_path)

@@ -380,3 +380,10 @@ def test_activation_grid_applies_to_inputs_only():
 def test_bad_low_bit_options(kwargs, error, message):
     with pytest.raises(error, match=message):
         ta.attach(mlp(), 4, **kwargs)
+
+
+def test_patterns_that_match_no_layer_are_warned_about():
+    with pytest.warns(UserWarning, match=r"`exclude` pattern 'fc\*' matches no quantizable layer; the layers are: 0, 2"):
+        ta.attach(mlp(), 4, exclude=["fc*"])
+    with pytest.warns(UserWarning, match=r"`bitwidth_overrides` pattern 'head' matches no quantizable layer"):
+        ta.attach(mlp(), 4, bitwidth_overrides={"head": 8})

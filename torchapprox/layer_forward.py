@@ -15,7 +15,7 @@ from torch import nn
 
 from .quantizers import ApproxQuantizer
 
-_WEIGHTS_ATTR = "_torchapprox_weights"
+WEIGHTS_ATTR = "_torchapprox_weights"  # on a quantized layer: the names of its quantized weights
 INPUT_QUANTIZERS = ("input_quantizer", "key_quantizer", "value_quantizer")
 
 
@@ -23,10 +23,10 @@ def quantized_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
     """Run the layer's class forward with its weights read as fake-quantized values."""
     swaps = [
         (layer, name, quantized_weight(getattr(layer, f"{name}_quantizer"), getattr(layer, name)))
-        for name in getattr(layer, _WEIGHTS_ATTR)
+        for name in getattr(layer, WEIGHTS_ATTR)
     ]
     out_proj = getattr(layer, "out_proj", None) if isinstance(layer, nn.MultiheadAttention) else None
-    out_proj_quantized = out_proj is not None and hasattr(out_proj, _WEIGHTS_ATTR)
+    out_proj_quantized = out_proj is not None and hasattr(out_proj, WEIGHTS_ATTR)
     if out_proj_quantized:
         # Attention applies out_proj with F.linear inside its kernel, so the projection's
         # input cannot be reached there. Let the kernel project with the identity (exact:

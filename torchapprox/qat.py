@@ -21,11 +21,13 @@ from __future__ import annotations
 
 import fnmatch
 import functools
+import warnings
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
 
+from .layer_forward import WEIGHTS_ATTR as _WEIGHTS_ATTR
 from .layer_forward import quantize_attention_inputs, quantize_layer_input, quantized_forward
 from .quantizers import ApproxQuantizer, MinMaxQuant
 from .quantizers.approx_quantizer import check_bitwidth
@@ -35,8 +37,7 @@ from .validation import check_bool, check_overrides, check_patterns
 QUANTIZABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
 ATTENTION_INPUT_QUANTIZERS = ("input_quantizer", "key_quantizer", "value_quantizer")
 
-# Attributes attach() leaves on a layer; detach() removes exactly these.
-_WEIGHTS_ATTR = "_torchapprox_weights"
+# Attributes attach() leaves on a layer (with _WEIGHTS_ATTR); detach() removes exactly these.
 _HOOK_ATTR = "_torchapprox_hook_id"
 
 
@@ -88,6 +89,9 @@ def attach(
         raise ValueError(f"`activation_grid` must be one of {', '.join(GRIDS)}, got {activation_grid!r}")
 
     detach(model)
+    candidates = [name for name, layer in model.named_modules() if isinstance(layer, QUANTIZABLE_LAYERS)]
+    _warn_unmatched(patterns, candidates, "exclude")
+    _warn_unmatched(overrides, candidates, "bitwidth_overrides")
     chosen = {
         name: layer
         for name, layer in model.named_modules()
@@ -231,6 +235,19 @@ def _bake_weights(layer: nn.Module) -> None:
         else:
             parameter = getattr(layer, weight_name)
             parameter.copy_(quantizer.fake_quantize(parameter))
+
+
+def _warn_unmatched(patterns: Iterable[str], names: list[str], argument: str) -> None:
+    # A typo in a pattern would otherwise pass in silence: the layer stays quantized, or
+    # runs at the scheduled bits instead of the pinned ones.
+    for pattern in patterns:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in names):
+            warnings.warn(
+                f"`{argument}` pattern {pattern!r} matches no quantizable layer; the layers are: "
+                f"{', '.join(names[:20])}{' ...' if len(names) > 20 else ''}",
+                UserWarning,
+                stacklevel=3,
+            )
 
 
 def _is_attention(layer: nn.Module) -> bool:
