@@ -240,7 +240,10 @@ class QuantizationAwareTraining(Callback):
 
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:
         if self.interval == "step":
-            self._apply(trainer.global_step, trainer, pl_module)
+            if self.schedule(trainer.global_step) != self.bitwidth:
+                self._apply(trainer.global_step, trainer, pl_module)
+            else:  # unchanged: skip walking the model's modules on every step
+                self.epoch = trainer.global_step
         self._scale_lr_for_rewarm(trainer)
         step = trainer.global_step
         if trainer.loggers and step % self._interval(trainer) == 0 and step != self._last_logged_step:
