@@ -387,3 +387,18 @@ def test_patterns_that_match_no_layer_are_warned_about():
         ta.attach(mlp(), 4, exclude=["fc*"])
     with pytest.warns(UserWarning, match=r"`bitwidth_overrides` pattern 'head' matches no quantizable layer"):
         ta.attach(mlp(), 4, bitwidth_overrides={"head": 8})
+
+
+def test_transformer_encoder_with_padding_mask_in_eval_mode():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=True)
+    src = torch.randn(3, 5, 8)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2, [False] * 4 + [True]])
+    ta.attach(encoder, 4)
+    train_out = encoder(src, src_key_padding_mask=mask).detach()  # the plain Python path
+    encoder.eval()
+    with torch.no_grad():  # here torch would switch to nested tensors, which quantizers cannot take
+        eval_out = encoder(src, src_key_padding_mask=mask)
+    assert torch.allclose(eval_out[~mask], train_out[~mask], atol=1e-6)
+    ta.detach(encoder)
+    assert encoder.use_nested_tensor  # the encoder's own setting is back

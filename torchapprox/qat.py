@@ -117,6 +117,12 @@ def attach(
     for name, layer in model.named_modules():
         if _is_attention(layer) and name not in chosen and hasattr(layer.out_proj, _WEIGHTS_ATTR):
             _wrap(layer, ())
+        elif isinstance(layer, nn.TransformerEncoder) and any(hasattr(m, _WEIGHTS_ATTR) for m in layer.modules()):
+            # In eval mode with a padding mask the encoder turns its input into a nested
+            # tensor before its layers run, and quantizers cannot take a nested tensor: the
+            # encoder's own switch for that path keeps it off while quantizers are attached.
+            layer._torchapprox_use_nested_tensor = layer.use_nested_tensor
+            layer.use_nested_tensor = False
     return list(chosen)
 
 
@@ -195,6 +201,8 @@ def detach(model: nn.Module, bake: bool = False) -> list[str]:
     bake = check_bool(bake, "bake")
     detached = []
     for name, layer in model.named_modules():
+        if hasattr(layer, "_torchapprox_use_nested_tensor"):
+            layer.use_nested_tensor = layer.__dict__.pop("_torchapprox_use_nested_tensor")
         if not hasattr(layer, _WEIGHTS_ATTR):
             continue
         if bake:
