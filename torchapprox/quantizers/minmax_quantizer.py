@@ -33,7 +33,7 @@ def _scale_factor(minmax: torch.Tensor, int_max: int) -> torch.Tensor:
 GRIDS = ("signed", "unsigned", "auto")
 
 
-def _unsigned_range(x: torch.Tensor, bitwidth: int, grid: str):
+def _grid_range(x: torch.Tensor, bitwidth: int, grid: str):
     """(lower, upper, scale) of the unsigned grid [0, 2^b - 1], or for ``grid="auto"`` of
     whichever grid fits this tensor: unsigned when min(x) >= 0, else signed. The choice is
     a torch.where on the device, so it costs no host sync."""
@@ -49,6 +49,12 @@ def _unsigned_range(x: torch.Tensor, bitwidth: int, grid: str):
     # Both scales computed as in the fixed grids, so "auto" equals one of them bit for bit.
     scale = torch.where(unsigned, _scale_factor(upper, unsigned_max), _scale_factor(upper, signed_max))
     return torch.where(unsigned, 0.0, -upper), upper, scale
+
+
+def _clamp_scale_round(x: torch.Tensor, lower, upper, scale: torch.Tensor) -> torch.Tensor:
+    """round(clamp(x, lower, upper) * scale) in the compute dtype, returned in x's dtype."""
+    compute = x.to(scale.dtype)
+    return torch.clamp(compute, lower, upper).mul_(scale).round_().to(x.dtype)
 
 
 def _fake_quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -86,9 +92,7 @@ class MinMaxQuant(ApproxQuantizer):
         def forward(ctx, x: torch.Tensor, minmax: torch.Tensor, int_max: int) -> torch.Tensor:
             scale_factor = _scale_factor(minmax, int_max)
             ctx.save_for_backward(scale_factor)
-            compute = x.to(minmax.dtype)
-            x_quant = torch.clamp(compute, -minmax, minmax).mul_(scale_factor).round_()
-            return x_quant.to(x.dtype)
+            return _clamp_scale_round(x, -minmax, minmax, scale_factor)
 
         @staticmethod
         def backward(ctx, grad_x_quant: torch.Tensor):
@@ -116,8 +120,7 @@ class MinMaxQuant(ApproxQuantizer):
         @staticmethod
         def forward(ctx, x, lower, upper, scale):
             ctx.save_for_backward(scale)
-            compute = x.to(scale.dtype)
-            return torch.clamp(compute, lower, upper).mul_(scale).round_().to(x.dtype)
+            return _clamp_scale_round(x, lower, upper, scale)
 
         @staticmethod
         def backward(ctx, grad):
@@ -148,7 +151,7 @@ class MinMaxQuant(ApproxQuantizer):
         if x.numel() == 0:
             return x.clone()
         if self.grid != "signed":
-            lower, upper, self._scale_factor = _unsigned_range(x, self.bitwidth, self.grid)
+            lower, upper, self._scale_factor = _grid_range(x, self.bitwidth, self.grid)
             return MinMaxQuant.QuantRange.apply(x, lower, upper, self._scale_factor)
         minmax = _abs_max(x)
         self._scale_factor = _scale_factor(minmax, self.int_max)
@@ -160,7 +163,7 @@ class MinMaxQuant(ApproxQuantizer):
         if self.grid == "signed":
             scale = _scale_factor(_abs_max(x), self.int_max)
         else:
-            _, _, scale = _unsigned_range(x, self.bitwidth, self.grid)
+            _, _, scale = _grid_range(x, self.bitwidth, self.grid)
             if self.grid == "unsigned":
                 x = x.clamp_min(0)  # below the grid: clipped, with clipped gradient
         self._scale_factor = scale
@@ -168,5 +171,6 @@ class MinMaxQuant(ApproxQuantizer):
         if self.offer_recompute and torch.is_grad_enabled():
             # The grid values are a pure function of x and the scale: a layer that saves
             # x_fake for its backward can keep x (alive anyway, most often) and recompute.
-            self.recompute = (x_fake, x.detach(), functools.partial(_fake_quantize_with_scale, x.detach(), scale))
+            source = x.detach()
+            self.recompute = (x_fake, source, functools.partial(_fake_quantize_with_scale, source, scale))
         return x_fake
