@@ -6,7 +6,6 @@ layer (``<weight>_quantizer``, ``input_quantizer``, ``key_quantizer``, ``value_q
 
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
@@ -37,9 +36,13 @@ def quantized_forward(layer: nn.Module, *args: Any, **kwargs: Any) -> Any:
         swaps += [(out_proj, "weight", identity), (out_proj, "bias", zeros)]
 
     originals = [_swap(module, name, value) for module, name, value in swaps]
+    saving = _save_inputs_not_grid_values(layer)
     try:
-        with _save_inputs_not_grid_values(layer):
+        if saving is None:
             output = type(layer).forward(layer, *args, **kwargs)
+        else:
+            with saving:
+                output = type(layer).forward(layer, *args, **kwargs)
     finally:
         for (module, name, _), original in zip(swaps, originals):
             _swap(module, name, original)
@@ -69,40 +72,56 @@ def quantized_weight(quantizer: ApproxQuantizer, weight: torch.Tensor) -> torch.
     return value
 
 
-@contextlib.contextmanager
-def _save_inputs_not_grid_values(layer: nn.Module):
+def _save_inputs_not_grid_values(layer: nn.Module) -> _SaveInputsNotGridValues | None:
     """While the layer runs, save for backward the float input (alive anyway, as a rule)
-    in place of its grid values, which are recomputed when backward needs them.
+    in place of its grid values, which are recomputed when backward needs them. None when
+    there is nothing to recompute.
 
     Without this every quantized layer would keep one extra activation until backward:
     the fake-quantized input its convolution or matmul saves.
     """
+    if not torch.is_grad_enabled():
+        return None
     offers = []
     for name in INPUT_QUANTIZERS:
         quantizer = layer._modules.get(name)
         if quantizer is not None and quantizer.recompute is not None:
             offers.append(quantizer.recompute)
             quantizer.recompute = None  # drop the references now, whatever happens next
-    if not offers or not torch.is_grad_enabled():
-        yield
-        return
+    return _SaveInputsNotGridValues(offers) if offers else None
 
-    def pack(tensor: torch.Tensor):
+
+class _SaveInputsNotGridValues:
+    """saved_tensors_hooks that store a saved view of grid values as a _Recomputable."""
+
+    def __init__(self, offers: list) -> None:
+        # The address range of each x_fake's storage: a saved tensor that starts inside it
+        # is x_fake or a view of it (storages never overlap), found without storage objects.
+        self.offers = []
         for x_fake, x, recompute in offers:
-            if tensor.dtype == x_fake.dtype and _same_storage(tensor, x_fake):
+            start = x_fake.untyped_storage().data_ptr()
+            self.offers.append((start, start + x_fake.untyped_storage().nbytes(), x_fake.dtype, x, recompute))
+        self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
+
+    def __enter__(self) -> None:
+        self.hooks.__enter__()
+
+    def __exit__(self, *exc_info) -> None:
+        self.hooks.__exit__(*exc_info)
+        # Every saved tensor keeps a reference to `pack`, hence to `offers`: empty it, or
+        # the inputs it names would live until backward even where nothing was recomputed.
+        self.offers.clear()
+
+    def pack(self, tensor: torch.Tensor):
+        address = tensor.data_ptr()
+        for start, end, dtype, x, recompute in self.offers:
+            if start <= address < end and tensor.dtype == dtype:
                 return _Recomputable(recompute, x, tensor)
         return tensor
 
-    def unpack(packed):
-        return packed.value() if isinstance(packed, _Recomputable) else packed
 
-    try:
-        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-            yield
-    finally:
-        # Every saved tensor keeps a reference to `pack`, hence to `offers`: empty it, or
-        # the grid values it names would live until backward after all.
-        offers.clear()
+def _unpack(packed):
+    return packed.value() if type(packed) is _Recomputable else packed
 
 
 class _Recomputable:
@@ -120,10 +139,6 @@ class _Recomputable:
                 "operation (e.g. nn.ReLU(inplace=True) applied to a tensor a quantized layer already read)"
             )
         return self.recompute().as_strided(self.size, self.stride, self.offset)
-
-
-def _same_storage(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.device == b.device and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
 
 
 def quantize_layer_input(layer: nn.Module, args: tuple, kwargs: dict) -> tuple | None:

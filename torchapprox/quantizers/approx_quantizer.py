@@ -54,6 +54,15 @@ class ApproxQuantizer(nn.Module, ABC):
 
     # Per-call leftovers (tensors of a live autograd graph) that must not be copied or pickled.
     _TRANSIENT = ("recompute", "_weight_cache")
+    # Plain attributes written on every call: set directly, without nn.Module.__setattr__'s
+    # checks for parameters, buffers and submodules (several microseconds per layer and step).
+    _PER_CALL = frozenset(("recompute", "_weight_cache", "_scale_factor", "last_statistics"))
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._PER_CALL:
+            self.__dict__[name] = value
+        else:
+            super().__setattr__(name, value)
 
     def __getstate__(self) -> dict:
         state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__

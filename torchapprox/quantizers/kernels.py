@@ -1,27 +1,44 @@
-"""The elementwise work of fake quantization: ``round(x * scale) / scale``.
+"""The elementwise work of fake quantization, on the fastest path available for a tensor.
 
-Eager torch runs it as three passes over memory (multiply, round, divide). For large
-contiguous tensors on CPU or CUDA a ``torch.compile``d kernel does it in one pass, with the
-same operations in the same order, so the numbers are identical (the tests check this).
-Small tensors stay eager: a compiled call costs tens of microseconds of dispatch.
+- CPU, float32/float64: the fused C++ kernels of ``cpu_extension`` (range and rounding in
+  two passes and one dispatch, identity gradient in C++).
+- Otherwise, for large contiguous tensors (CUDA, or CPU when the C++ build is unavailable):
+  a ``torch.compile``d ``round(x * scale) / scale``, one pass instead of three. Small
+  tensors stay eager: a compiled call costs tens of microseconds of dispatch.
+- Otherwise the eager torch ops.
 
-``TORCHAPPROX_COMPILE=0`` turns compilation off. If it fails (no C++ compiler, an
-unsupported platform), a warning says so once and the eager ops are used from then on.
+Every path does the same operations in the same order, so the numbers are identical (the
+tests check this). ``TORCHAPPROX_COMPILE=0`` leaves only the eager ops. If the compiler
+fails, a warning says so once and the eager ops are used from then on.
 """
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import torch
+
+from .cpu_extension import compile_disabled, fused_ops
 
 # Below this, the ~60 us a compiled call costs in dispatch outweighs the two passes it saves
 # (measured on a 2-core CPU: equal at about 2**19 elements, 1.5x faster at 2**20).
 COMPILE_MIN_ELEMENTS = 1 << 20
 
+FUSED_DTYPES = (torch.float32, torch.float64)
+
 _compiled = None
-_compile_disabled = os.environ.get("TORCHAPPROX_COMPILE", "1").lower() in ("0", "false", "no", "off")
+_compile_disabled = compile_disabled()
+
+
+def fused_cpu_ops(x: torch.Tensor):
+    """``torch.ops.torchapprox`` when its fused kernels can take ``x``, else None."""
+    if not x.is_cpu or x.dtype not in FUSED_DTYPES or x.layout != torch.strided:
+        return None
+    # Inside torch.compile or a torch.func transform the eager ops are traced, fused and
+    # batched by torch itself; the opaque C++ op would only get in the way.
+    if torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active():
+        return None
+    return fused_ops()
 
 
 def round_to_grid_eager(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -44,7 +61,15 @@ def _use_compiled(x: torch.Tensor) -> bool:
 
 
 def round_to_grid(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """``round(x * scale) / scale`` for a float tensor ``x`` and a 0-dim ``scale``."""
+    """``round(x * scale) / scale`` for a float tensor ``x`` and a 0-dim ``scale`` of its dtype."""
+    ops = fused_cpu_ops(x)
+    if ops is not None and scale.device.type == "cpu":
+        return ops.round_to_grid(x, scale)
+    return round_to_grid_compiled(x, scale)
+
+
+def round_to_grid_compiled(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """``round_to_grid`` by torch.compile where it pays (see COMPILE_MIN_ELEMENTS), else eager."""
     global _compiled, _compile_disabled
     if not _use_compiled(x):
         return round_to_grid_eager(x, scale)

@@ -7,7 +7,7 @@ import functools
 import torch
 
 from .approx_quantizer import ApproxQuantizer
-from .kernels import round_to_grid
+from .kernels import fused_cpu_ops, round_to_grid
 
 
 def _compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -26,8 +26,10 @@ def _abs_max(x: torch.Tensor) -> torch.Tensor:
 
 def _scale_factor(minmax: torch.Tensor, int_max: int) -> torch.Tensor:
     # An all-zero tensor has minmax 0: any finite scale maps it to zeros, so use 1 rather
-    # than dividing by zero. torch.where keeps this on the device (no host sync).
-    return torch.where(minmax > 0, int_max / minmax, 1.0)
+    # than dividing by zero. torch.where keeps this on the device (no host sync). A true
+    # division (`int_max / tensor` would multiply by the reciprocal, off by an ulp at times),
+    # as the fused CPU kernel divides.
+    return torch.where(minmax > 0, torch.full_like(minmax, int_max).div_(minmax), 1.0)
 
 
 GRIDS = ("signed", "unsigned", "auto")
@@ -160,17 +162,24 @@ class MinMaxQuant(ApproxQuantizer):
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         if x.numel() == 0:
             return x.clone()
-        if self.grid == "signed":
-            scale = _scale_factor(_abs_max(x), self.int_max)
+        # Signed and auto grids have an identity gradient: one fused call where it runs.
+        ops = fused_cpu_ops(x) if self.grid != "unsigned" else None
+        if ops is not None:
+            x_fake, scale = ops.fake_quantize_minmax(x, self.bitwidth, self.grid == "auto")
+            recompute = ops.round_to_grid
         else:
-            _, _, scale = _grid_range(x, self.bitwidth, self.grid)
-            if self.grid == "unsigned":
-                x = x.clamp_min(0)  # below the grid: clipped, with clipped gradient
+            if self.grid == "signed":
+                scale = _scale_factor(_abs_max(x), self.int_max)
+            else:
+                _, _, scale = _grid_range(x, self.bitwidth, self.grid)
+                if self.grid == "unsigned":
+                    x = x.clamp_min(0)  # below the grid: clipped, with clipped gradient
+            x_fake = MinMaxQuant.FakeQuant.apply(x, scale)
+            recompute = _fake_quantize_with_scale
         self._scale_factor = scale
-        x_fake = MinMaxQuant.FakeQuant.apply(x, scale)
         if self.offer_recompute and torch.is_grad_enabled():
             # The grid values are a pure function of x and the scale: a layer that saves
             # x_fake for its backward can keep x (alive anyway, most often) and recompute.
             source = x.detach()
-            self.recompute = (x_fake, source, functools.partial(_fake_quantize_with_scale, source, scale))
+            self.recompute = (x_fake, source, functools.partial(recompute, source, scale))
         return x_fake
