@@ -100,7 +100,7 @@ class _SaveInputsNotGridValues:
         self.offers = []
         for x_fake, x, recompute in offers:
             start = x_fake.untyped_storage().data_ptr()
-            self.offers.append((start, start + x_fake.untyped_storage().nbytes(), x_fake.dtype, x, recompute))
+            self.offers.append((start, start + x_fake.untyped_storage().nbytes(), x_fake, x, recompute))
         self.hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, _unpack)
 
     def __enter__(self) -> None:
@@ -114,8 +114,10 @@ class _SaveInputsNotGridValues:
 
     def pack(self, tensor: torch.Tensor):
         address = tensor.data_ptr()
-        for start, end, dtype, x, recompute in self.offers:
-            if start <= address < end and tensor.dtype == dtype:
+        for start, end, x_fake, x, recompute in self.offers:
+            if tensor is x_fake:
+                return _Recomputable(recompute, x, None)
+            if start <= address < end and tensor.dtype == x_fake.dtype:
                 return _Recomputable(recompute, x, tensor)
         return tensor
 
@@ -125,11 +127,13 @@ def _unpack(packed):
 
 
 class _Recomputable:
-    """A saved view of grid values, stored as the recipe to compute it again."""
+    """Saved grid values (or a view of them: ``view``), stored as the recipe to compute them again."""
 
-    def __init__(self, recompute, source: torch.Tensor, view: torch.Tensor) -> None:
+    __slots__ = ("recompute", "source", "version", "geometry")
+
+    def __init__(self, recompute, source: torch.Tensor, view: torch.Tensor | None) -> None:
         self.recompute, self.source, self.version = recompute, source, source._version
-        self.size, self.stride, self.offset = view.size(), view.stride(), view.storage_offset()
+        self.geometry = None if view is None else (view.size(), view.stride(), view.storage_offset())
 
     def value(self) -> torch.Tensor:
         if self.source._version != self.version:
@@ -138,7 +142,8 @@ class _Recomputable:
                 "used it, so its quantized value cannot be recomputed for backward; avoid the in-place "
                 "operation (e.g. nn.ReLU(inplace=True) applied to a tensor a quantized layer already read)"
             )
-        return self.recompute().as_strided(self.size, self.stride, self.offset)
+        value = self.recompute()
+        return value if self.geometry is None else value.as_strided(*self.geometry)
 
 
 def quantize_layer_input(layer: nn.Module, args: tuple, kwargs: dict) -> tuple | None:
