@@ -4,10 +4,15 @@
     python -m experiments.benchmark --quick         # seconds: a smoke test of the benchmark itself
     python -m experiments.benchmark --out bench.json
 
-Every number is a ratio taken in one process with the variants interleaved round by round
+Every number is a ratio taken in one process with the variants interleaved step by step
 (so that a slow moment of a shared machine hits all variants alike), and the median over
-the rounds. Peak memory is the growth of the resident set (VmHWM) during training, each
-variant in a fresh process.
+the rounds. A second, identical fp32 model ("fp32 again") measures the noise floor: its
+ratio would be exactly 1 on a quiet machine. Peak memory is the growth of the resident set
+(VmHWM) during training, each variant in a fresh process.
+
+Variants: fp32; torchapprox as attach() sets it up (layers recompute their quantized input
+in backward); torchapprox with recompute_inputs=False (they keep it: faster, more memory);
+torch.ao QAT when importable.
 """
 
 from __future__ import annotations
@@ -69,12 +74,16 @@ def _torch_ao_qat(model: nn.Module) -> nn.Module:
         return prepare_qat(model.train(), inplace=True)
 
 
+FP32_AGAIN = "fp32 again"
+KEEP_INPUTS = "torchapprox, keep inputs"  # attach(..., recompute_inputs=False)
+
+
 def make_training_step(variant: str, batch: int, seed: int = 0) -> Callable[[], None]:
     """One SGD step of the ResNet-like CNN on a fixed 32x32 batch, as ``variant`` trains it."""
     torch.manual_seed(seed)
     model = resnet_like()
-    if variant == "torchapprox":
-        ta.attach(model, BITWIDTH)
+    if variant in ("torchapprox", KEEP_INPUTS):
+        ta.attach(model, BITWIDTH, recompute_inputs=variant == "torchapprox")
     elif variant == "torch.ao":
         model = _torch_ao_qat(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -83,7 +92,7 @@ def make_training_step(variant: str, batch: int, seed: int = 0) -> Callable[[], 
 
     def step() -> None:
         # Statistics at the callback's default interval, read back as the callback does.
-        logging_step = variant == "torchapprox" and counter["step"] % STATISTICS_INTERVAL == 0
+        logging_step = variant.startswith("torchapprox") and counter["step"] % STATISTICS_INTERVAL == 0
         if logging_step:
             ta.enable_statistics(model, True)
         loss = F.cross_entropy(model(x), y)
@@ -116,11 +125,12 @@ def interleaved_medians(functions: dict[str, Callable[[], None]], rounds: int, r
     return {name: statistics.median(values) for name, values in samples.items()}
 
 
-def bench_training(batches: list[int], rounds: int, repeats: int) -> list[dict]:
-    variants = ["fp32", "torchapprox"] + (["torch.ao"] if torch_ao_available() else [])
+def bench_training(rounds_per_batch: dict[int, int]) -> list[dict]:
+    """Step time per variant and batch size; each round runs one step of every variant."""
+    variants = ["fp32", FP32_AGAIN, "torchapprox", KEEP_INPUTS] + (["torch.ao"] if torch_ao_available() else [])
     rows = []
-    for batch in batches:
-        medians = interleaved_medians({v: make_training_step(v, batch) for v in variants}, rounds, repeats)
+    for batch, rounds in rounds_per_batch.items():
+        medians = interleaved_medians({v: make_training_step(v, batch) for v in variants}, rounds, repeats=1)
         for variant in variants:
             rows.append({"batch": batch, "variant": variant, "step_ms": medians[variant] * 1e3,
                          "ratio_to_fp32": medians[variant] / medians["fp32"]})
@@ -201,7 +211,7 @@ def _status_kib(field: str) -> int:
 def bench_memory(batch: int, steps: int) -> list[dict]:
     if not Path("/proc/self/clear_refs").exists():
         return []  # not Linux: no portable way to read a process's peak memory
-    variants = ["fp32", "torchapprox"] + (["torch.ao"] if torch_ao_available() else [])
+    variants = ["fp32", "torchapprox", KEEP_INPUTS] + (["torch.ao"] if torch_ao_available() else [])
     peaks = {}
     for variant in variants:
         probe = subprocess.run(
@@ -217,18 +227,18 @@ def bench_memory(batch: int, steps: int) -> list[dict]:
 def print_tables(result: dict) -> None:
     print(f"\nTraining step, ResNet-like CNN, 32x32 inputs, SGD, {BITWIDTH}-bit weights and inputs "
           f"(torch {torch.__version__}, {torch.get_num_threads()} threads)")
-    print(f"{'batch':>6} {'variant':<12} {'ms/step':>9} {'x fp32':>8}")
+    print(f"{'batch':>6} {'variant':<25} {'ms/step':>9} {'x fp32':>8}")
     for row in result["training"]:
-        print(f"{row['batch']:>6} {row['variant']:<12} {row['step_ms']:>9.2f} {row['ratio_to_fp32']:>8.3f}")
+        print(f"{row['batch']:>6} {row['variant']:<25} {row['step_ms']:>9.2f} {row['ratio_to_fp32']:>8.3f}")
     print("\nQuantizer alone, forward + backward, against clone forward + backward")
     print(f"{'elements':>9} {'variant':<22} {'us':>10} {'x clone':>8}")
     for row in result["quantizer"]:
         print(f"{row['elements']:>9} {row['variant']:<22} {row['us']:>10.1f} {row['ratio_to_clone']:>8.2f}")
     if result["memory"]:
         print("\nPeak memory growth while training (resident set, fresh process per variant)")
-        print(f"{'batch':>6} {'variant':<12} {'MB':>8} {'x fp32':>8}")
+        print(f"{'batch':>6} {'variant':<25} {'MB':>8} {'x fp32':>8}")
         for row in result["memory"]:
-            print(f"{row['batch']:>6} {row['variant']:<12} {row['peak_growth_mb']:>8.1f} {row['ratio_to_fp32']:>8.3f}")
+            print(f"{row['batch']:>6} {row['variant']:<25} {row['peak_growth_mb']:>8.1f} {row['ratio_to_fp32']:>8.3f}")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -243,15 +253,17 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     if args.quick:
-        plan = dict(batches=[8], rounds=2, repeats=2, sizes=[4096, 65536], memory_batch=8, memory_steps=2)
+        plan = {"rounds_per_batch": {8: 3}, "rounds": 2, "repeats": 2, "sizes": [4096, 65536],
+                "memory_batch": 8, "memory_steps": 2}
     else:
-        plan = dict(batches=[8, 64], rounds=15, repeats=5, sizes=[4096, 65536, 1 << 20, 1 << 22],
-                    memory_batch=64, memory_steps=5)
+        # Single steps interleaved, many rounds: the median settles within about 1%.
+        plan = {"rounds_per_batch": {8: 150, 64: 40}, "rounds": 30, "repeats": 20,
+                "sizes": [4096, 65536, 1 << 20, 1 << 22], "memory_batch": 64, "memory_steps": 5}
     result = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "training": bench_training(plan["batches"], plan["rounds"], plan["repeats"]),
-        "quantizer": bench_quantizer(plan["sizes"], plan["rounds"] * 2, plan["repeats"] * 4),
+        "training": bench_training(plan["rounds_per_batch"]),
+        "quantizer": bench_quantizer(plan["sizes"], plan["rounds"], plan["repeats"]),
         "memory": bench_memory(plan["memory_batch"], plan["memory_steps"]),
     }
     print_tables(result)

@@ -317,12 +317,20 @@ def test_overrides_and_activation_grid_through_the_callback(tmp_path):
     assert model.net[2].input_quantizer.grid == "auto"
 
 
+def test_recompute_inputs_reaches_the_input_quantizers(tmp_path):
+    _, model, _ = fit(tmp_path, 8, max_epochs=1, qat_kwargs={"recompute_inputs": False})
+    assert [model.net[i].input_quantizer.offer_recompute for i in (0, 2)] == [False, False]
+    _, model, _ = fit(tmp_path / "default", 8, max_epochs=1)
+    assert [model.net[i].input_quantizer.offer_recompute for i in (0, 2)] == [True, True]
+
+
 @pytest.mark.parametrize(
     "kwargs, error, message",
     [
         ({"interval": "batch"}, ValueError, r"`interval` must be 'epoch' or 'step', got 'batch'"),
         ({"lr_rewarm_steps": -1}, ValueError, r"`lr_rewarm_steps` must be an int >= 0, got -1"),
         ({"bn_reestimate": "yes"}, TypeError, r"`bn_reestimate` must be True or False"),
+        ({"recompute_inputs": 0}, TypeError, r"`recompute_inputs` must be True or False, got 0"),
         ({"activation_grid": "none"}, ValueError, r"`activation_grid` must be one of"),
         ({"bitwidth_overrides": {"net.0": 40}}, ValueError, r"`bitwidth_overrides\['net.0'\]` must be an int in 2\.\.32, got 40"),
     ],

@@ -78,10 +78,9 @@ def test_recomputed_grid_values_give_the_reference_gradients():
         assert torch.allclose(model[i].weight.grad, leaf.grad, rtol=1e-5, atol=1e-6)
 
 
-def _grid_values_alive_after_forward(offer_recompute: bool) -> bool:
+def _grid_values_alive_after_forward(recompute_inputs: bool) -> bool:
     layer = nn.Conv2d(3, 8, 3)
-    ta.attach(layer, 8)
-    layer.input_quantizer.offer_recompute = offer_recompute
+    ta.attach(layer, 8, recompute_inputs=recompute_inputs)
     captured = {}
     layer.input_quantizer.register_forward_hook(lambda m, args, out: captured.update(ref=weakref.ref(out)))
     x = torch.randn(2, 3, 8, 8, requires_grad=True)
@@ -93,8 +92,24 @@ def _grid_values_alive_after_forward(offer_recompute: bool) -> bool:
 
 
 def test_layer_saves_its_float_input_not_the_grid_values():
-    assert _grid_values_alive_after_forward(offer_recompute=False)  # control: conv saved them
-    assert not _grid_values_alive_after_forward(offer_recompute=True)
+    assert not _grid_values_alive_after_forward(recompute_inputs=True)  # the default
+    assert _grid_values_alive_after_forward(recompute_inputs=False)  # kept: the conv saved them
+
+
+def test_both_input_modes_give_identical_training():
+    def train(recompute_inputs):
+        model = conv_block()
+        ta.attach(model, 4, recompute_inputs=recompute_inputs)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        x, y = torch.randn(5, 3, 6, 6), torch.tensor([0, 1, 1, 0, 1])
+        for _ in range(3):
+            optimizer.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            optimizer.step()
+        return [p.detach().clone() for p in model.parameters()]
+
+    for recomputed, kept in zip(train(True), train(False)):
+        assert torch.equal(recomputed, kept)
 
 
 def test_input_modified_in_place_after_use_is_a_clear_error():
@@ -147,12 +162,12 @@ def test_benchmark_runs_in_its_quick_configuration(tmp_path):
     assert "Training step" in result.stdout and "Quantizer alone" in result.stdout
     data = json.loads(out.read_text())
     variants = {row["variant"] for row in data["training"]}
-    assert {"fp32", "torchapprox"} <= variants
+    assert {"fp32", "fp32 again", "torchapprox", "torchapprox, keep inputs"} <= variants
     assert all(row["ratio_to_fp32"] > 0 and row["step_ms"] > 0 for row in data["training"])
     fp32 = [row for row in data["training"] if row["variant"] == "fp32"]
     assert all(row["ratio_to_fp32"] == 1.0 for row in fp32)
     assert {row["elements"] for row in data["quantizer"]} == {4096, 65536}
     assert {row["variant"] for row in data["quantizer"]} >= {"clone", "torchapprox", "plain ops", "aten fused"}
     if data["memory"]:
-        assert {row["variant"] for row in data["memory"]} >= {"fp32", "torchapprox"}
+        assert {row["variant"] for row in data["memory"]} >= {"fp32", "torchapprox", "torchapprox, keep inputs"}
         assert all(row["peak_growth_mb"] >= 0 for row in data["memory"])

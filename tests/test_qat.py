@@ -320,6 +320,7 @@ def test_attached_model_runs_on_meta_device_without_host_sync():
         (lambda m: ta.set_bitwidth(m, 33), ValueError, r"`bitwidth` must be an int in 2\.\.32, got 33"),
         (lambda m: ta.set_bitwidth(m, 4), ValueError, r"no quantizers.*attach"),
         (lambda m: ta.detach(m, bake=1), TypeError, r"`bake` must be True or False"),
+        (lambda m: ta.attach(m, recompute_inputs="no"), TypeError, r"`recompute_inputs` must be True or False, got 'no'"),
     ],
 )
 def test_bad_arguments_are_rejected_with_clear_messages(call, error, message):

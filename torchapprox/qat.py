@@ -50,6 +50,7 @@ def attach(
     exclude: str | Iterable[str] = (),
     bitwidth_overrides: Mapping[str, int] | None = None,
     activation_grid: str = "signed",
+    recompute_inputs: bool = True,
 ) -> list[str]:
     """Put ``MinMaxQuant`` quantizers on the weights and inputs of ``model``'s layers.
 
@@ -66,6 +67,13 @@ def attach(
             default), ``"unsigned"`` ([0, 2^b - 1]) or ``"auto"`` (unsigned for a
             non-negative input, such as a ReLU's output, chosen per tensor). Weights are
             always quantized on the signed grid.
+        recompute_inputs: what a layer keeps of its quantized input for backward. True
+            (the default): nothing; it keeps the float input (alive anyway, as a rule) and
+            recomputes the grid values when backward needs them, so peak memory stays close
+            to the float model's, for one more elementwise pass per layer in backward.
+            False: the grid values themselves, one extra activation per layer until
+            backward: a few percent faster per step, about a third more activation memory
+            (``python -m experiments.benchmark`` measures both).
 
     Returns:
         The qualified names (as ``model.named_modules()`` spells them) of the quantized
@@ -87,6 +95,7 @@ def attach(
     overrides = check_overrides(bitwidth_overrides)
     if activation_grid not in GRIDS:
         raise ValueError(f"`activation_grid` must be one of {', '.join(GRIDS)}, got {activation_grid!r}")
+    recompute_inputs = check_bool(recompute_inputs, "recompute_inputs")
 
     detach(model)
     candidates = [name for name, layer in model.named_modules() if isinstance(layer, QUANTIZABLE_LAYERS)]
@@ -109,7 +118,7 @@ def attach(
             inputs = ATTENTION_INPUT_QUANTIZERS if _is_attention(layer) else ("input_quantizer",)
             for input_name in inputs:
                 quantizer = _quantizer(layer_bits, pinned is not None, grid=activation_grid)
-                quantizer.offer_recompute = True  # see layer_forward._save_inputs_not_grid_values
+                quantizer.offer_recompute = recompute_inputs  # see layer_forward._save_inputs_not_grid_values
                 layer.add_module(input_name, quantizer)
         _wrap(layer, weight_names)
     # Attention reads its out_proj's weight directly instead of calling it, so an attention
