@@ -1,7 +1,7 @@
 """Build and load the fused CPU kernels (``csrc/minmax_cpu.cpp``), once per machine.
 
 The first call that needs them compiles the C++ source with the compiler torch uses for
-its own extensions (about 30 s; a line on stderr says so) into torch's extension cache
+its own extensions (about 25 s; a line on stderr says so) into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes load the
 built library in a fraction of a second. The build is keyed on a hash of the source, the
 flags, and the torch and Python versions, so an upgrade of either builds afresh.
@@ -59,7 +59,7 @@ def _build_and_load():
         name = f"torchapprox_cpu_{key}"
         build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
         if not (build_dir / f"{name}.so").exists():
-            print(f"torchapprox: building the fused CPU kernels, once per machine (about 30 s), in {build_dir}",
+            print(f"torchapprox: building the fused CPU kernels, once per machine (about 25 s), in {build_dir}",
                   file=sys.stderr, flush=True)
         build_dir.mkdir(parents=True, exist_ok=True)
         load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
