@@ -147,3 +147,17 @@ def test_a_fresh_process_loads_the_built_kernels_quietly():
                             env={**os.environ, "TORCHAPPROX_COMPILE": "1"})
     assert result.stdout.strip() == str(torch.tensor([-1.0, 1 / 7, 4 / 7]).tolist())  # float32 values
     assert "building" not in result.stderr and "Warning" not in result.stderr
+
+
+def test_torch_compile_of_an_attached_model_gives_the_eager_numbers():
+    # While dynamo traces, the plain ops run (the opaque C++ op is skipped), so the compiled
+    # model must still equal the eager one, which runs the fused kernels, bit for bit.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4))
+    ta.attach(model, 4, activation_grid="auto")
+    x = torch.randn(5, 8)
+    eager = model(x)
+    compiled = torch.compile(model)(x)
+    assert torch.equal(compiled, eager)
+    compiled.sum().backward()
+    assert model[0].weight.grad is not None
