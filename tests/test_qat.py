@@ -403,3 +403,23 @@ def test_transformer_encoder_with_padding_mask_in_eval_mode():
     assert torch.allclose(eval_out[~mask], train_out[~mask], atol=1e-6)
     ta.detach(encoder)
     assert encoder.use_nested_tensor  # the encoder's own setting is back
+
+
+def test_per_sample_gradients_with_torch_func_match_a_loop_over_samples():
+    from torch.func import functional_call, grad, vmap
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3))
+    ta.attach(model, 4, activation_grid="auto")
+    x, y = torch.randn(5, 6), torch.tensor([0, 1, 2, 1, 0])
+    params = {name: p.detach() for name, p in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        return F.cross_entropy(functional_call(model, p, (xi.unsqueeze(0),)), yi.unsqueeze(0))
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+    for i in range(len(x)):
+        model.zero_grad()
+        F.cross_entropy(model(x[i : i + 1]), y[i : i + 1]).backward()
+        for name, p in model.named_parameters():
+            assert torch.allclose(per_sample[name][i], p.grad, atol=1e-6), (i, name)

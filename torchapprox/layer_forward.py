@@ -60,7 +60,9 @@ def quantized_weight(quantizer: ApproxQuantizer, weight: torch.Tensor) -> torch.
     value. The key holds the weight's version counter (bumped by every in-place update,
     optimizer steps included) and the modes that decide what kind of tensor is returned.
     """
-    if quantizer.record_statistics:  # statistics describe a fresh call
+    # Statistics describe a fresh call; under torch.func transforms the weight is a wrapper
+    # without storage to key on (and its value may differ per call).
+    if quantizer.record_statistics or torch._C._are_functorch_transforms_active():
         return quantizer(weight)
     key = (id(weight), weight._version, weight.data_ptr(), quantizer.bitwidth,
            torch.is_grad_enabled(), torch.is_inference_mode_enabled())

@@ -90,11 +90,18 @@ class MinMaxQuant(ApproxQuantizer):
     class Quant(torch.autograd.Function):
         """round(clamp(x, -minmax, minmax) * int_max / minmax), straight through the rounding."""
 
+        # forward/setup_context split and a generated vmap rule: torch.func (vmap, grad)
+        # can run it too.
+        generate_vmap_rule = True
+
         @staticmethod
-        def forward(ctx, x: torch.Tensor, minmax: torch.Tensor, int_max: int) -> torch.Tensor:
-            scale_factor = _scale_factor(minmax, int_max)
-            ctx.save_for_backward(scale_factor)
-            return _clamp_scale_round(x, -minmax, minmax, scale_factor)
+        def forward(x: torch.Tensor, minmax: torch.Tensor, int_max: int) -> torch.Tensor:
+            return _clamp_scale_round(x, -minmax, minmax, _scale_factor(minmax, int_max))
+
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:
+            _, minmax, int_max = inputs
+            ctx.save_for_backward(_scale_factor(minmax, int_max))
 
         @staticmethod
         def backward(ctx, grad_x_quant: torch.Tensor):
@@ -108,9 +115,15 @@ class MinMaxQuant(ApproxQuantizer):
         clamp of ``Quant`` never changes a value and is skipped here.
         """
 
+        generate_vmap_rule = True
+
         @staticmethod
-        def forward(ctx, x: torch.Tensor, scale_factor: torch.Tensor) -> torch.Tensor:
+        def forward(x: torch.Tensor, scale_factor: torch.Tensor) -> torch.Tensor:
             return _fake_quantize_with_scale(x, scale_factor)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:
+            pass
 
         @staticmethod
         def backward(ctx, grad_x_fake: torch.Tensor):
@@ -119,10 +132,15 @@ class MinMaxQuant(ApproxQuantizer):
     class QuantRange(torch.autograd.Function):
         """round(clamp(x, lower, upper) * scale), straight through the rounding (any grid)."""
 
+        generate_vmap_rule = True
+
         @staticmethod
-        def forward(ctx, x, lower, upper, scale):
-            ctx.save_for_backward(scale)
+        def forward(x, lower, upper, scale):
             return _clamp_scale_round(x, lower, upper, scale)
+
+        @staticmethod
+        def setup_context(ctx, inputs, output) -> None:
+            ctx.save_for_backward(inputs[3])
 
         @staticmethod
         def backward(ctx, grad):
@@ -177,7 +195,8 @@ class MinMaxQuant(ApproxQuantizer):
             x_fake = MinMaxQuant.FakeQuant.apply(x, scale)
             recompute = _fake_quantize_with_scale
         self._scale_factor = scale
-        if self.offer_recompute and torch.is_grad_enabled():
+        # (Not under torch.func transforms: they do not support saved-tensor hooks.)
+        if self.offer_recompute and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
             # The grid values are a pure function of x and the scale: a layer that saves
             # x_fake for its backward can keep x (alive anyway, most often) and recompute.
             source = x.detach()
