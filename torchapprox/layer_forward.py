@@ -131,7 +131,7 @@ def _unpack(packed):
 class _Recomputable:
     """Saved grid values (or a view of them: ``view``), stored as the recipe to compute them again."""
 
-    __slots__ = ("recompute", "source", "version", "geometry")
+    __slots__ = ("geometry", "recompute", "source", "version")
 
     def __init__(self, recompute, source: torch.Tensor, view: torch.Tensor | None) -> None:
         self.recompute, self.source, self.version = recompute, source, source._version
