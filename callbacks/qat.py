@@ -14,6 +14,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 
 import torchapprox as ta
+from torchapprox.layers import registered_types
 from torchapprox.quantizers.minmax_quantizer import GRIDS
 from torchapprox.validation import check_bool, check_overrides, check_patterns
 
@@ -26,9 +27,10 @@ class QuantizationAwareTraining(Callback):
     r"""Quantization-aware training whose bitwidth follows a schedule over the epochs.
 
     In ``setup()`` (on every rank, before DDP wraps the model and before a checkpoint is
-    restored) a ``MinMaxQuant`` is attached to the weight and the input of every
-    ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` of the LightningModule
-    (see :func:`torchapprox.attach`). At the start of each training epoch every quantizer is
+    restored) a ``MinMaxQuant`` is attached to the weights and inputs of every layer of a
+    registered type (Linear, Conv, ConvTranspose, Embedding, MultiheadAttention, RNN/LSTM/GRU,
+    transformers' Conv1D, and any registered with ``torchapprox.register_layer``) of the
+    LightningModule (see :func:`torchapprox.attach`). At the start of each training epoch every quantizer is
     set to ``schedule(current_epoch)``; validation and test run at that epoch's bitwidth.
 
     The float master weights stay the module's Parameters, so checkpoints hold exactly the
@@ -56,7 +58,8 @@ class QuantizationAwareTraining(Callback):
             ``log_every_n_steps``.
         log_histograms_every_n_steps: also write histograms of each weight and of its
             quantization error to TensorBoard at this (slower) interval; ``None`` for none.
-        verbose: print the bitwidth on rank zero whenever it changes.
+        verbose: print on rank zero what is quantized (the share of the parameters, per
+            layer type: see :func:`torchapprox.coverage`) and the bitwidth whenever it changes.
         bitwidth_overrides: ``{layer pattern: bits}`` kept whatever the schedule says (e.g.
             ``{"net.features.0": 8, "net.classifier": 8}``: first and last layer at 8 bits).
         activation_grid: the grid of the input quantizers (see :class:`torchapprox.MinMaxQuant`):
@@ -76,6 +79,9 @@ class QuantizationAwareTraining(Callback):
         lr_rewarm_steps: when the bitwidth drops, ramp the learning rate linearly from
             1/N of its value back to it over these N steps (0: off). The ramp scales the
             rate around each optimizer step only, so LR schedulers see their own values.
+        per_channel_weights: one scale per output channel of each weight instead of one per
+            tensor (see :func:`torchapprox.attach`); logged scale factors are then the mean
+            over the channels.
 
     Bitwidth drops are logged as ``quant/transition`` (the new bits) at the step they happen.
 
@@ -107,6 +113,7 @@ class QuantizationAwareTraining(Callback):
         interval: str = "epoch",
         bn_reestimate: bool = False,
         lr_rewarm_steps: int = 0,
+        per_channel_weights: bool = False,
     ) -> None:
         self.schedule = as_schedule(schedule)
         self.quantize_weights = check_bool(quantize_weights, "quantize_weights")
@@ -133,6 +140,7 @@ class QuantizationAwareTraining(Callback):
         if isinstance(lr_rewarm_steps, bool) or not isinstance(lr_rewarm_steps, numbers.Integral) or lr_rewarm_steps < 0:
             raise ValueError(f"`lr_rewarm_steps` must be an int >= 0, got {lr_rewarm_steps!r}")
         self.lr_rewarm_steps = int(lr_rewarm_steps)
+        self.per_channel_weights = check_bool(per_channel_weights, "per_channel_weights")
         # The epoch (or step, with interval="step") whose bitwidth the model runs at: saved in
         # checkpoints (a plain int), so that test(ckpt_path=...) evaluates at the bitwidth
         # the checkpoint was trained at.
@@ -159,12 +167,15 @@ class QuantizationAwareTraining(Callback):
             bitwidth_overrides=self.bitwidth_overrides,
             activation_grid=self.activation_grid,
             recompute_inputs=self.recompute_inputs,
+            per_channel_weights=self.per_channel_weights,
         )
+        if self.verbose and self.quantized_layers:
+            rank_zero_info(f"QuantizationAwareTraining: {ta.coverage_summary(pl_module)}")
         if not self.quantized_layers:
             excluded = f" (exclude={list(self.exclude)})" if self.exclude else ""
             raise ValueError(
-                f"{type(pl_module).__name__} has no layer to quantize{excluded}: "
-                "QuantizationAwareTraining quantizes nn.Linear, nn.Conv1d/2d/3d and nn.MultiheadAttention"
+                f"{type(pl_module).__name__} has no layer to quantize{excluded}: QuantizationAwareTraining "
+                f"quantizes {', '.join(registered_types())} and the types registered with torchapprox.register_layer"
             )
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -308,7 +319,7 @@ class QuantizationAwareTraining(Callback):
             weight = getattr(layer, "weight", None)
             if quantizer is None or weight is None:
                 continue
-            error = quantizer.fake_quantize(weight) - weight
+            error = quantizer.fake_quantize_with_scale(weight)[0] - weight
             for logger in loggers:
                 logger.experiment.add_histogram(f"quant/{layer_name}/weight/values", weight, step)
                 logger.experiment.add_histogram(f"quant/{layer_name}/weight/error", error, step)

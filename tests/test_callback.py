@@ -319,9 +319,9 @@ def test_overrides_and_activation_grid_through_the_callback(tmp_path):
 
 def test_recompute_inputs_reaches_the_input_quantizers(tmp_path):
     _, model, _ = fit(tmp_path, 8, max_epochs=1, qat_kwargs={"recompute_inputs": False})
-    assert [model.net[i].input_quantizer.offer_recompute for i in (0, 2)] == [False, False]
+    assert [model.net[i].input_quantizer.recompute_in_backward for i in (0, 2)] == [False, False]
     _, model, _ = fit(tmp_path / "default", 8, max_epochs=1)
-    assert [model.net[i].input_quantizer.offer_recompute for i in (0, 2)] == [True, True]
+    assert [model.net[i].input_quantizer.recompute_in_backward for i in (0, 2)] == [True, True]
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """torchapprox: quantization-aware training for PyTorch (this package needs torch only)."""
 
+from .coverage import coverage, coverage_summary
+from .layers import register_layer
 from .qat import attach, detach, enable_statistics, quantized_layers, set_bitwidth, statistics
 from .quantizers import ApproxQuantizer, MinMaxQuant
 
@@ -7,10 +9,13 @@ __all__ = [
     "ApproxQuantizer",
     "MinMaxQuant",
     "attach",
+    "coverage",
+    "coverage_summary",
     "detach",
     "enable_statistics",
     "quantized_layers",
+    "register_layer",
     "set_bitwidth",
     "statistics",
 ]
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -1,20 +1,24 @@
 """How quantizers sit on a model: attach, set_bitwidth, statistics, detach (torch only).
 
-Every ``nn.Linear``, ``nn.Conv1d/2d/3d`` and ``nn.MultiheadAttention`` chosen by ``attach``
-gets ``MinMaxQuant`` submodules: ``weight_quantizer`` (``in_proj_weight_quantizer`` and the
-like for attention) and ``input_quantizer``. How they act, and why this way:
+Every layer whose type is registered in ``torchapprox.layers`` (Linear, Conv, ConvTranspose,
+Embedding, EmbeddingBag, MultiheadAttention, RNN/LSTM/GRU, transformers' Conv1D, and any
+type a user registers) gets ``MinMaxQuant`` submodules: ``<weight>_quantizer`` for each of
+its weights and ``<input>_quantizer`` for each of its float inputs. How they act, and why
+this way:
 
-- The float master weights stay ``nn.Parameter`` attributes of the same modules, so an
-  optimizer built earlier keeps training them, ``state_dict()`` keeps the plain keys, and
-  ``torch.nn.utils.prune`` still works (pruning first, then quantizing the pruned weight).
-- A layer's own ``forward`` is wrapped at the instance: for the duration of one call the
-  weight attribute reads as its fake-quantized value, then the Parameter is put back. The
-  class's forward is what runs, so subclasses and layers that read ``self.weight`` from
-  outside ``forward`` (``nn.MultiheadAttention``) see quantized weights. The model's own
+- The float master weights stay where they were (Parameters of the same modules, or the
+  originals behind a parametrization or pruning), so an optimizer built earlier keeps
+  training them, ``state_dict()`` keeps exactly the plain model's keys, and every route that
+  changes a weight (any optimizer implementation, ``.data`` writes, ``load_state_dict``) is
+  seen by the next forward: nothing is cached.
+- The layer's ``forward`` is replaced at the instance by its registered quantized forward,
+  which passes quantized tensors explicitly to the functional op (``F.linear``,
+  ``torch.convolution``, ...). A forward pass writes nothing to any module (statistics, when
+  turned on, excepted), so a model can serve several threads at once. The model's own
   ``forward`` is never touched: several inputs and keyword arguments keep working.
-- Inputs are quantized by a forward pre-hook. Its presence also switches off torch's fused
-  inference paths (``nn.TransformerEncoderLayer``), which read weights directly and would
-  otherwise skip quantization in eval mode.
+- Each quantized layer also carries a forward pre-hook that does nothing: its presence is
+  what makes torch's fused Transformer inference path (``nn.TransformerEncoderLayer`` in
+  eval mode), which reads weights directly and would skip quantization, step aside.
 """
 
 from __future__ import annotations
@@ -26,19 +30,19 @@ from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
-from .layer_forward import WEIGHTS_ATTR as _WEIGHTS_ATTR
-from .layer_forward import quantize_attention_inputs, quantize_layer_input, quantized_forward
+from .layers import find_layer_type
+from .layers.registry import LayerType
 from .quantizers import ApproxQuantizer, MinMaxQuant
 from .quantizers.approx_quantizer import check_bitwidth
 from .quantizers.minmax_quantizer import GRIDS
 from .validation import check_bool, check_overrides, check_patterns
 
-QUANTIZABLE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.MultiheadAttention)
-ATTENTION_INPUT_QUANTIZERS = ("input_quantizer", "key_quantizer", "value_quantizer")
-
-# Attributes attach() leaves on a layer (with _WEIGHTS_ATTR); detach() removes exactly these.
+# Attributes attach() leaves on a layer; detach() removes exactly these.
+_WEIGHTS_ATTR = "_torchapprox_weights"  # names of the layer's quantized weights
 _HOOK_ATTR = "_torchapprox_hook_id"
+_NESTED_ATTR = "_torchapprox_use_nested_tensor"
 
 
 def attach(
@@ -51,6 +55,7 @@ def attach(
     bitwidth_overrides: Mapping[str, int] | None = None,
     activation_grid: str = "signed",
     recompute_inputs: bool = True,
+    per_channel_weights: bool = False,
 ) -> list[str]:
     """Put ``MinMaxQuant`` quantizers on the weights and inputs of ``model``'s layers.
 
@@ -58,7 +63,7 @@ def attach(
         model: any ``nn.Module``; changed in place.
         bitwidth: bits of every quantizer, an int in 2..32.
         weights: quantize the weights of each layer.
-        activations: quantize the input of each layer.
+        activations: quantize the float inputs of each layer.
         exclude: fnmatch patterns over qualified layer names (``"classifier"``, ``"*.out_proj"``).
         bitwidth_overrides: ``{pattern: bits}``: layers whose name matches keep these bits,
             whatever ``set_bitwidth`` later sets (e.g. first and last layer at 8 bits). The
@@ -69,15 +74,21 @@ def attach(
             always quantized on the signed grid.
         recompute_inputs: what a layer keeps of its quantized input for backward. True
             (the default): nothing; it keeps the float input (alive anyway, as a rule) and
-            recomputes the grid values when backward needs them, so peak memory stays close
-            to the float model's, for one more elementwise pass per layer in backward.
-            False: the grid values themselves, one extra activation per layer until
-            backward: a few percent faster per step, about a third more activation memory
-            (``python -m experiments.benchmark`` measures both).
+            recomputes the grid values when backward needs them, inside the layer's own
+            autograd node, so peak memory stays close to the float model's, for one more
+            elementwise pass per layer in backward. False: the grid values themselves, one
+            extra activation per layer until backward, a few percent faster per step.
+        per_channel_weights: one scale per output channel of each weight (the axis each
+            layer type declares: 0 for Linear/Conv weights, 1 for ConvTranspose and
+            transformers' Conv1D) instead of one per tensor. Inputs keep one scale each.
 
     Returns:
         The qualified names (as ``model.named_modules()`` spells them) of the quantized
         layers. Attaching again replaces the quantizers rather than stacking them.
+
+    Weights shared by several layers (tied embeddings and output heads) get one quantizer,
+    shared by every layer that uses them, so they are quantized the same way everywhere.
+    A warning names the layer types whose weights stay in float (see :func:`coverage`).
 
     Example::
 
@@ -96,43 +107,95 @@ def attach(
     if activation_grid not in GRIDS:
         raise ValueError(f"`activation_grid` must be one of {', '.join(GRIDS)}, got {activation_grid!r}")
     recompute_inputs = check_bool(recompute_inputs, "recompute_inputs")
+    per_channel_weights = check_bool(per_channel_weights, "per_channel_weights")
 
     detach(model)
-    candidates = [name for name, layer in model.named_modules() if isinstance(layer, QUANTIZABLE_LAYERS)]
-    _warn_unmatched(patterns, candidates, "exclude")
-    _warn_unmatched(overrides, candidates, "bitwidth_overrides")
-    chosen = {
-        name: layer
-        for name, layer in model.named_modules()
-        if isinstance(layer, QUANTIZABLE_LAYERS)
-        and not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)
-    }
-    for name, layer in chosen.items():
-        _check_materialized(name, layer)
+    candidates = {name: (layer, spec) for name, layer in model.named_modules()
+                  if (spec := find_layer_type(layer)) is not None}
+    _warn_unmatched(patterns, list(candidates), "exclude")
+    _warn_unmatched(overrides, list(candidates), "bitwidth_overrides")
+    chosen = {name: entry for name, entry in candidates.items()
+              if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)}
+    shared = _SharedWeightQuantizers()
+    for name, (layer, spec) in chosen.items():
+        axes = spec.weight_axes(layer)
+        _check_materialized(name, layer, axes)
         pinned = next((bits for pattern, bits in overrides.items() if fnmatch.fnmatchcase(name, pattern)), None)
         layer_bits = bitwidth if pinned is None else pinned
-        weight_names = _weight_names(layer) if weights else ()
+        weight_names = tuple(axes) if weights else ()
         for weight_name in weight_names:
-            layer.add_module(f"{weight_name}_quantizer", _quantizer(layer_bits, pinned is not None))
-        if activations:
-            inputs = ATTENTION_INPUT_QUANTIZERS if _is_attention(layer) else ("input_quantizer",)
-            for input_name in inputs:
-                quantizer = _quantizer(layer_bits, pinned is not None, grid=activation_grid)
-                quantizer.offer_recompute = recompute_inputs  # see layer_forward._save_inputs_not_grid_values
-                layer.add_module(input_name, quantizer)
-        _wrap(layer, weight_names)
-    # Attention reads its out_proj's weight directly instead of calling it, so an attention
-    # layer whose out_proj is quantized needs its forward wrapped even when it is excluded.
+            axis = axes[weight_name] if per_channel_weights else None
+            quantizer = shared.quantizer(name, layer, weight_name, axis, layer_bits, pinned is not None)
+            layer.add_module(f"{weight_name}_quantizer", quantizer)
+        for input_name in spec.inputs if activations else ():
+            quantizer = _quantizer(layer_bits, pinned is not None, grid=activation_grid)
+            quantizer.recompute_in_backward = recompute_inputs
+            layer.add_module(f"{input_name}_quantizer", quantizer)
+        _install(layer, spec, weight_names)
     for name, layer in model.named_modules():
-        if _is_attention(layer) and name not in chosen and hasattr(layer.out_proj, _WEIGHTS_ATTR):
-            _wrap(layer, ())
+        if isinstance(layer, nn.MultiheadAttention) and name not in chosen and hasattr(layer.out_proj, _WEIGHTS_ATTR):
+            # Float attention reads its out_proj's weight directly instead of calling it: run
+            # it through the quantized forward (no quantizers of its own), which calls it.
+            _install(layer, find_layer_type(layer), ())
         elif isinstance(layer, nn.TransformerEncoder) and any(hasattr(m, _WEIGHTS_ATTR) for m in layer.modules()):
             # In eval mode with a padding mask the encoder turns its input into a nested
             # tensor before its layers run, and quantizers cannot take a nested tensor: the
-            # encoder's own switch for that path keeps it off while quantizers are attached.
-            layer._torchapprox_use_nested_tensor = layer.use_nested_tensor
+            # encoder's own switch for that path stays off while quantizers are attached.
+            setattr(layer, _NESTED_ATTR, layer.use_nested_tensor)
             layer.use_nested_tensor = False
+    _warn_float_layers(model, excluded=[n for n in candidates if n not in chosen])
     return list(chosen)
+
+
+class _SharedWeightQuantizers:
+    """One quantizer per weight source: a Parameter used by several layers (tied weights)
+    is quantized by the same module wherever it is used."""
+
+    def __init__(self) -> None:
+        self.by_source: dict[int, tuple[MinMaxQuant, str]] = {}
+
+    def quantizer(self, layer_name: str, layer: nn.Module, weight_name: str, axis: int | None, bits: int,
+                  pinned: bool) -> MinMaxQuant:
+        source = weight_source(layer, weight_name)
+        if id(source) not in self.by_source:
+            quantizer = _quantizer(bits, pinned, axis=axis)
+            self.by_source[id(source)] = (quantizer, layer_name)
+            return quantizer
+        quantizer, first = self.by_source[id(source)]
+        if quantizer.axis != axis:
+            quantizer.axis = None  # no per-channel axis fits both uses: one scale for the tensor
+            warnings.warn(f"tied weight {weight_name!r} of {layer_name!r} and {first!r}: their output-channel axes "
+                          "differ, so it is quantized with one scale per tensor in both", UserWarning, stacklevel=4)
+        if quantizer.bitwidth != bits or quantizer.pinned != pinned:
+            warnings.warn(f"tied weight {weight_name!r} of {layer_name!r} is also used by {first!r}: it is quantized "
+                          f"as there ({quantizer.bitwidth} bits{', pinned' if quantizer.pinned else ''}) in both",
+                          UserWarning, stacklevel=4)
+        return quantizer
+
+
+def weight_source(layer: nn.Module, name: str) -> object:
+    """What a weight's value comes from: its Parameter, the parametrization behind it, or
+    the ``<name>_orig`` Parameter of a pruned weight."""
+    if parametrize.is_parametrized(layer, name):
+        return layer.parametrizations[name]
+    if f"{name}_orig" in layer._parameters:
+        return layer._parameters[f"{name}_orig"]
+    return getattr(layer, name)
+
+
+def _install(layer: nn.Module, spec: LayerType, weight_names: tuple[str, ...]) -> None:
+    setattr(layer, _WEIGHTS_ATTR, weight_names)
+    # functools.partial of a module-level function, unlike a bound method, survives
+    # pickling and deepcopy of the whole model.
+    layer.forward = functools.partial(spec.forward, layer)
+    handle = layer.register_forward_pre_hook(_keeps_fused_inference_paths_off)
+    setattr(layer, _HOOK_ATTR, handle.id)
+
+
+def _keeps_fused_inference_paths_off(module: nn.Module, args: tuple) -> None:
+    """Does nothing. torch's fused Transformer inference path steps aside for modules with
+    hooks (TransformerEncoderLayer.forward checks for them), and it would read the float
+    weights directly."""
 
 
 def set_bitwidth(model: nn.Module, bitwidth: int) -> int:
@@ -142,14 +205,14 @@ def set_bitwidth(model: nn.Module, bitwidth: int) -> int:
     quantizers = [m for m in model.modules() if isinstance(m, ApproxQuantizer)]
     if not quantizers:
         raise ValueError("`model` has no quantizers to set a bitwidth on: call attach(model) first")
-    free = [q for q in quantizers if not getattr(q, "pinned", False)]
+    free = [q for q in quantizers if not q.pinned]
     for quantizer in free:
         quantizer.bitwidth = bitwidth
     return len(free)
 
 
-def _quantizer(bitwidth: int, pinned: bool, grid: str = "signed") -> MinMaxQuant:
-    quantizer = MinMaxQuant(bitwidth, grid=grid)
+def _quantizer(bitwidth: int, pinned: bool, grid: str = "signed", axis: int | None = None) -> MinMaxQuant:
+    quantizer = MinMaxQuant(bitwidth, grid=grid, axis=axis)
     quantizer.pinned = pinned  # set_bitwidth leaves a pinned quantizer at its own bits
     return quantizer
 
@@ -179,19 +242,16 @@ def statistics(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor]]
     """Per-layer statistics recorded in the last forward pass with statistics enabled.
 
     Returns ``{layer: {"weight" | "input": {"scale_factor", "mse", "sqnr_db": 0-dim tensor}}}``.
-    Values stay on the model's device (no host sync); ``float(value)`` reads one. For
-    attention, "weight" is the (first) input-projection weight and "input" the query.
+    Values stay on the model's device (no host sync); ``float(value)`` reads one. "weight"
+    is the layer's first quantized weight (attention: the input projection; LSTM:
+    ``weight_ih_l0``), "input" its first input (attention: the query). With per-channel
+    weights, ``scale_factor`` is the mean of the channels' scales.
     """
     result: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
     for name, layer in quantized_layers(model).items():
         entry = {}
-        weight_quantizer = next(
-            (q for q_name, q in layer.named_children()
-             if q_name.endswith("weight_quantizer") and isinstance(q, ApproxQuantizer)),
-            None,
-        )
-        for kind, quantizer in (("weight", weight_quantizer),
-                                ("input", getattr(layer, "input_quantizer", None))):
+        weight_quantizer = next((layer._modules.get(f"{w}_quantizer") for w in getattr(layer, _WEIGHTS_ATTR, ())), None)
+        for kind, quantizer in (("weight", weight_quantizer), ("input", layer._modules.get("input_quantizer"))):
             if quantizer is not None and quantizer.last_statistics is not None:
                 entry[kind] = dict(quantizer.last_statistics)
         if entry:
@@ -203,23 +263,29 @@ def detach(model: nn.Module, bake: bool = False) -> list[str]:
     """Remove every quantizer from ``model``; returns the names of the layers it left.
 
     Without ``bake`` the model is the float model again. With ``bake=True`` each weight's
-    fake-quantized value is first written into its float Parameter (into ``weight_orig``
-    for a pruned weight), so the plain model computes with the quantized weights.
+    fake-quantized value is first written into the tensor it comes from (the Parameter;
+    ``weight_orig`` of a pruned weight; a parametrized weight becomes a plain Parameter
+    holding its quantized value, as ``parametrize.remove_parametrizations`` leaves it), so
+    that the plain model computes in eval what the attached one computed with its weights.
+    A tied weight is written once.
+
+    Raises:
+        ValueError: with ``bake=True``, when a quantized weight is also used by a layer that
+            does not quantize it (writing grid values would change that layer too). Nothing
+            is changed then.
     """
     _check_model(model)
     bake = check_bool(bake, "bake")
+    if bake:
+        _bake(model)
     detached = []
     for name, layer in model.named_modules():
-        if hasattr(layer, "_torchapprox_use_nested_tensor"):
-            layer.use_nested_tensor = layer.__dict__.pop("_torchapprox_use_nested_tensor")
+        if hasattr(layer, _NESTED_ATTR):
+            layer.use_nested_tensor = layer.__dict__.pop(_NESTED_ATTR)
         if not hasattr(layer, _WEIGHTS_ATTR):
             continue
-        if bake:
-            _bake_weights(layer)
         del layer.forward
-        hook_id = getattr(layer, _HOOK_ATTR)
-        layer._forward_pre_hooks.pop(hook_id, None)
-        layer._forward_pre_hooks_with_kwargs.pop(hook_id, None)
+        layer._forward_pre_hooks.pop(getattr(layer, _HOOK_ATTR), None)
         for child_name, child in list(layer.named_children()):
             if isinstance(child, ApproxQuantizer):
                 delattr(layer, child_name)
@@ -229,29 +295,50 @@ def detach(model: nn.Module, bake: bool = False) -> list[str]:
     return detached
 
 
-def _wrap(layer: nn.Module, weight_names: tuple[str, ...]) -> None:
-    setattr(layer, _WEIGHTS_ATTR, tuple(weight_names))
-    # functools.partial of a module-level function, unlike a bound method, survives
-    # pickling and deepcopy of the whole model.
-    layer.forward = functools.partial(quantized_forward, layer)
-    hook = quantize_attention_inputs if _is_attention(layer) else quantize_layer_input
-    handle = layer.register_forward_pre_hook(hook, with_kwargs=True)
-    setattr(layer, _HOOK_ATTR, handle.id)
-
-
 @torch.no_grad()
-def _bake_weights(layer: nn.Module) -> None:
-    for weight_name in getattr(layer, _WEIGHTS_ATTR):
-        quantizer = getattr(layer, f"{weight_name}_quantizer")
-        original = getattr(layer, f"{weight_name}_orig", None)
-        if original is not None:  # torch.nn.utils.prune: weight = weight_orig * weight_mask
+def _bake(model: nn.Module) -> None:
+    # Every value is computed before anything is written, and a tied weight once.
+    plans: dict[int, tuple[nn.Module, str, torch.Tensor]] = {}
+    users: dict[int, list[str]] = {}
+    for layer_name, layer in model.named_modules():
+        for weight_name in getattr(layer, _WEIGHTS_ATTR, ()):
+            source = weight_source(layer, weight_name)
+            users.setdefault(id(source), []).append(f"{layer_name}.{weight_name}" if layer_name else weight_name)
+            if id(source) not in plans:
+                quantizer = layer._modules[f"{weight_name}_quantizer"]
+                value, _ = quantizer.fake_quantize_with_scale(getattr(layer, weight_name))
+                plans[id(source)] = (layer, weight_name, value)
+    _check_no_float_users(model, plans, users)
+    for layer, weight_name, value in plans.values():
+        if parametrize.is_parametrized(layer, weight_name):
+            parametrize.remove_parametrizations(layer, weight_name, leave_parametrized=True)
+            getattr(layer, weight_name).copy_(value)
+        elif f"{weight_name}_orig" in layer._parameters:  # torch.nn.utils.prune
             mask = getattr(layer, f"{weight_name}_mask")
-            original.copy_(quantizer.fake_quantize(original * mask))
+            layer._parameters[f"{weight_name}_orig"].copy_(value)
             # prune refreshes the plain attribute only on the next forward: refresh it now.
-            layer.__dict__[weight_name] = original * mask
+            layer.__dict__[weight_name] = layer._parameters[f"{weight_name}_orig"] * mask
         else:
-            parameter = getattr(layer, weight_name)
-            parameter.copy_(quantizer.fake_quantize(parameter))
+            getattr(layer, weight_name).copy_(value)
+
+
+def _check_no_float_users(model: nn.Module, plans: dict, users: dict[int, list[str]]) -> None:
+    quantized = {_source_slot(layer, name) for _, layer in model.named_modules()
+                 for name in getattr(layer, _WEIGHTS_ATTR, ())}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for parameter_name, parameter in module._parameters.items():
+            if id(parameter) in plans and (id(module), parameter_name) not in quantized:
+                owner = f"{module_name}.{parameter_name}" if module_name else parameter_name
+                raise ValueError(
+                    f"cannot bake: the weight quantized as {', '.join(users[id(parameter)])} is also used, in float, "
+                    f"as {owner!r}; baking grid values into it would change that layer too. Quantize that layer as "
+                    "well (it may need a registered layer type), or detach without bake"
+                )
+
+
+def _source_slot(layer: nn.Module, name: str) -> tuple[int, str]:
+    """(module, attribute) where a quantized weight's Parameter is held."""
+    return (id(layer), f"{name}_orig" if f"{name}_orig" in layer._parameters else name)
 
 
 def _warn_unmatched(patterns: Iterable[str], names: list[str], argument: str) -> None:
@@ -267,20 +354,8 @@ def _warn_unmatched(patterns: Iterable[str], names: list[str], argument: str) ->
             )
 
 
-def _is_attention(layer: nn.Module) -> bool:
-    return isinstance(layer, nn.MultiheadAttention)
-
-
-def _weight_names(layer: nn.Module) -> tuple[str, ...]:
-    if _is_attention(layer):
-        if layer._qkv_same_embed_dim:
-            return ("in_proj_weight",)
-        return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
-    return ("weight",)
-
-
-def _check_materialized(name: str, layer: nn.Module) -> None:
-    for weight_name in _weight_names(layer):
+def _check_materialized(name: str, layer: nn.Module, weight_names: Iterable[str]) -> None:
+    for weight_name in weight_names:
         if isinstance(getattr(layer, weight_name), nn.parameter.UninitializedParameter):
             raise ValueError(
                 f"layer {name!r} is a lazy module whose {weight_name!r} is not initialized yet: "
@@ -293,6 +368,14 @@ def _check_model(model: object) -> None:
         raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
 
 
+def _warn_float_layers(model: nn.Module, excluded: list[str]) -> None:
+    from .coverage import coverage, describe_float_layers
+
+    message = describe_float_layers(coverage(model, excluded=excluded))
+    if message:
+        warnings.warn(f"torchapprox.attach: {message}", UserWarning, stacklevel=3)
+
+
 __all__ = [
     "attach",
     "detach",
@@ -300,4 +383,5 @@ __all__ = [
     "quantized_layers",
     "set_bitwidth",
     "statistics",
+    "weight_source",
 ]

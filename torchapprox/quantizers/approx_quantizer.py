@@ -30,15 +30,33 @@ def check_bitwidth(bitwidth: object, name: str = "bitwidth") -> int:
     return bitwidth
 
 
+def check_float_tensor(x: object, name: str = "x") -> torch.Tensor:
+    """``x`` if it is a floating-point tensor; a TypeError naming its dtype otherwise."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"`{name}` must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(
+            f"`{name}` must be a floating-point tensor (float16, bfloat16, float32 or float64) to be "
+            f"quantized, got dtype {x.dtype}"
+        )
+    return x
+
+
 class ApproxQuantizer(nn.Module, ABC):
-    """A quantizer of one tensor onto the symmetric signed integer grid of ``bitwidth`` bits.
+    """A quantizer of one tensor onto an integer grid of ``bitwidth`` bits.
 
-    ``quantize(x)`` maps a float tensor to integer values in ``[-int_max, int_max]``;
-    calling the module fake-quantizes (the grid values back in the float range of ``x``).
+    ``quantize(x)`` maps a float tensor to integer values (in x's dtype); calling the module
+    fake-quantizes (the grid values back in the float range of ``x``).
 
-    When ``record_statistics`` is True each call also keeps the quantization error of that
-    call (``last_statistics``). It is off by default so that a training step pays nothing
-    for statistics it does not log.
+    Subclasses implement ``quantize`` and ``scale_factor``. Layers call
+    ``fake_quantize_with_scale``, which must not change the quantizer's state (a forward
+    pass may run in several threads at once); its default goes through ``fake_quantize``
+    and ``scale_factor``, so a subclass that keeps per-call state should override it.
+
+    When ``record_statistics`` is True, each call through a quantized layer (and each call
+    of the module) keeps the quantization error of that call in ``last_statistics``. It is
+    off by default so that a training step pays nothing for statistics it does not log;
+    turning it on is the one case where a forward pass writes to the quantizer.
     """
 
     def __init__(self, bitwidth: int = 8) -> None:
@@ -46,27 +64,21 @@ class ApproxQuantizer(nn.Module, ABC):
         self._bitwidth = check_bitwidth(bitwidth)
         self.record_statistics = False
         self.last_statistics: dict[str, torch.Tensor] | None = None
-        # When offer_recompute is set (attach sets it on input quantizers), a call with grad
-        # enabled leaves (x_fake, x, recompute) here, recompute() giving x_fake again from x:
-        # the layer then saves x rather than x_fake for its backward, and clears this at once.
-        self.offer_recompute = False
-        self.recompute: tuple | None = None
+        # Read by the quantized layers (see torchapprox.attach): set_bitwidth leaves a pinned
+        # quantizer at its own bits; an input quantizer recomputes its grid values in
+        # backward rather than keeping them (memory for one elementwise pass).
+        self.pinned = False
+        self.recompute_in_backward = True
 
-    # Per-call leftovers (tensors of a live autograd graph) that must not be copied or pickled.
-    _TRANSIENT = ("recompute", "_weight_cache")
-    # Plain attributes written on every call: set directly, without nn.Module.__setattr__'s
-    # checks for parameters, buffers and submodules (several microseconds per layer and step).
-    _PER_CALL = frozenset(("recompute", "_weight_cache", "_scale_factor", "last_statistics"))
+    # Plain attributes written on calls: set directly, without nn.Module.__setattr__'s
+    # checks for parameters, buffers and submodules (several microseconds per call).
+    _PER_CALL = frozenset(("_scale_factor", "last_statistics"))
 
     def __setattr__(self, name: str, value) -> None:
         if name in self._PER_CALL:
             self.__dict__[name] = value
         else:
             super().__setattr__(name, value)
-
-    def __getstate__(self) -> dict:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__
-        return {k: (None if k in self._TRANSIENT else v) for k, v in state.items()}
 
     @property
     def bitwidth(self) -> int:
@@ -96,6 +108,17 @@ class ApproxQuantizer(nn.Module, ABC):
         with a straight-through ``quantize`` (gradient * scale) the gradient is identity."""
         return self.quantize(x) / self.scale_factor
 
+    def fake_quantize_with_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(fake_quantize(x), scale)``, leaving the quantizer unchanged where it can."""
+        return self.fake_quantize(x), self.scale_factor
+
+    def fused_kernel_args(self) -> tuple[int, str] | None:
+        """``(bitwidth, grid)`` when this quantizer computes exactly
+        ``torchapprox::fake_quantize(x, bitwidth, grid, [])`` (a scale from x's own range,
+        one per tensor), so that a layer may save x and recompute its grid values in
+        backward; None otherwise (the layer then keeps the quantized tensor)."""
+        return None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_fake = self.fake_quantize(x)
         if self.record_statistics and x.numel() > 0:
@@ -110,8 +133,11 @@ class ApproxQuantizer(nn.Module, ABC):
 def quantization_error(
     x: torch.Tensor, x_fake: torch.Tensor, scale_factor: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Scale factor, MSE and SQNR (dB) of one quantization, as 0-dim device tensors.
+    """Scale factor, MSE and SQNR (dB) of one quantization, as 0-dim float64 device tensors.
 
+    For a per-channel quantization the scale factor is the mean of the channels' scales.
+    float64 because a float64 tensor's scale may exceed float32's range (max|x| = 1e-38
+    gives 1.3e40), and a logged inf would read as divergence.
     Nothing here reads a value back to the host. Both powers are clamped to the smallest
     normal float so that an exact quantization (or an all-zero tensor) gives a large finite
     SQNR rather than inf/NaN, which would look like divergence.
@@ -122,4 +148,4 @@ def quantization_error(
     signal = x.square().mean()
     tiny = torch.finfo(torch.float32).tiny
     sqnr_db = 10.0 * (signal.clamp_min(tiny).log10() - mse.clamp_min(tiny).log10())
-    return {"scale_factor": scale_factor.detach().float(), "mse": mse, "sqnr_db": sqnr_db}
+    return {"scale_factor": scale_factor.detach().double().mean(), "mse": mse.double(), "sqnr_db": sqnr_db.double()}

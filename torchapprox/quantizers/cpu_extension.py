@@ -1,21 +1,33 @@
-"""Build and load the fused CPU kernels (``csrc/minmax_cpu.cpp``), once per machine.
+"""Build and load the C++ CPU kernels (``csrc/minmax_cpu.cpp``), once per torch installation.
 
-The first call that needs them compiles the C++ source with the compiler torch uses for
-its own extensions (about 25 s; a line on stderr says so) into torch's extension cache
+The first process that needs them compiles the source with the compiler torch uses for its
+own extensions (about 25 s; a line on stderr says so) into torch's extension cache
 (``$TORCH_EXTENSIONS_DIR`` or ``~/.cache/torch_extensions``); later processes load the
-built library in a fraction of a second. The build is keyed on a hash of the source, the
-flags, and the torch and Python versions, so an upgrade of either builds afresh.
+built library in a fraction of a second.
 
-``TORCHAPPROX_COMPILE=0`` turns this off. If the build fails (no C++ compiler, a platform
-the flags do not suit), a warning says so once and the plain torch ops are used instead:
-slower, with the same numbers.
+- The library is keyed on a hash of the source, the flags, the Python version and the torch
+  installation actually imported (its version, git revision and path), so two environments
+  never share or overwrite each other's build.
+- Builders take an ``flock`` on a lock file beside the library. The operating system drops
+  it when its holder dies, however it dies, so a killed build never leaves a lock behind:
+  the next process builds afresh. A process that waits longer than
+  ``TORCHAPPROX_BUILD_TIMEOUT`` seconds (default 600) gives up and uses the plain ops.
+- Each build runs in a fresh folder of its own and the finished library is moved into
+  place with one atomic rename, so no process ever loads a half-written file.
+
+``TORCHAPPROX_COMPILE=0`` turns the kernels off. If the build fails (no C++ compiler, a
+platform the flags do not suit), a warning says so once and the plain torch ops are used
+instead: slower, with the same values.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import platform
+import shutil
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -26,8 +38,8 @@ SOURCE = Path(__file__).with_name("csrc") / "minmax_cpu.cpp"
 # `omp simd` loops vectorize; no FMA contraction, which would change the rounding.
 CFLAGS = ["-O3", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off"]
 LDFLAGS = ["-fopenmp"]
+DEFAULT_BUILD_TIMEOUT = 600.0
 
-_ops = None  # torch.ops.torchapprox once loaded
 _state = "untried"  # "untried" | "loaded" | "unavailable"
 
 
@@ -36,42 +48,109 @@ def compile_disabled() -> bool:
     return os.environ.get("TORCHAPPROX_COMPILE", "1").strip().lower() in ("0", "false", "no", "off")
 
 
-def fused_ops():
-    """``torch.ops.torchapprox`` with the fused kernels, or None where they cannot be had."""
-    global _ops, _state
+def kernels_loaded() -> bool:
+    """Load the CPU kernels on first use; True when they serve the ops' CPU calls."""
+    global _state
     if _state == "untried":
         _state = "unavailable"
         if not compile_disabled():
-            _ops = _build_and_load()
-            _state = "loaded" if _ops is not None else "unavailable"
-    return _ops
+            try:
+                load()
+                _state = "loaded"
+            except Exception as error:  # noqa: BLE001 - any build or load failure means: use torch ops
+                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+                warnings.warn(
+                    f"torchapprox: the C++ CPU kernels could not be built or loaded ({type(error).__name__}: "
+                    f"{first_line}); using plain torch ops instead (same values, slower). "
+                    "Set TORCHAPPROX_COMPILE=0 to skip the attempt.",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+    return _state == "loaded"
 
 
-def _build_and_load():
+def build_key() -> str:
+    """What the build depends on: source, flags, Python, and the torch installation loaded."""
+    torch_install = str(Path(torch.__file__).resolve().parent)
+    parts = [SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), sys.version.encode(), platform.machine().encode(),
+             torch.__version__.encode(), str(torch.version.git_version).encode(), torch_install.encode()]
+    return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    from torch.utils.cpp_extension import get_default_build_root
+
+    return Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root())
+
+
+def build_timeout() -> float:
+    value = os.environ.get("TORCHAPPROX_BUILD_TIMEOUT", "")
     try:
-        from torch.utils.cpp_extension import get_default_build_root, load
+        return float(value) if value.strip() else DEFAULT_BUILD_TIMEOUT
+    except ValueError:
+        raise ValueError(f"TORCHAPPROX_BUILD_TIMEOUT must be a number of seconds, got {value!r}") from None
 
-        source = SOURCE.read_bytes()
-        key = hashlib.sha256(
-            b"\0".join([source, " ".join(CFLAGS + LDFLAGS).encode(), torch.__version__.encode(),
-                        sys.version.encode()])
-        ).hexdigest()[:16]
-        name = f"torchapprox_cpu_{key}"
-        build_dir = Path(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root()) / name
-        if not (build_dir / f"{name}.so").exists():
-            print(f"torchapprox: building the fused CPU kernels, once per machine (about 25 s), in {build_dir}",
-                  file=sys.stderr, flush=True)
-        build_dir.mkdir(parents=True, exist_ok=True)
-        load(name=name, sources=[str(SOURCE)], extra_cflags=CFLAGS, extra_ldflags=LDFLAGS,
-             build_directory=str(build_dir), is_python_module=False, verbose=False)
-        return torch.ops.torchapprox
-    except Exception as error:  # noqa: BLE001 - any build or load failure means: use torch ops
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        warnings.warn(
-            f"torchapprox: the fused CPU kernels could not be built or loaded ({type(error).__name__}: "
-            f"{first_line}); using plain torch ops instead (same numbers, slower). "
-            "Set TORCHAPPROX_COMPILE=0 to skip the attempt.",
-            RuntimeWarning,
-            stacklevel=3,
-        )
-        return None
+
+def load() -> None:
+    """Load the library, building it first if this torch installation has none yet."""
+    name = f"torchapprox_cpu_{build_key()}"
+    root = cache_root()
+    library = root / name / f"{name}.so"
+    if not library.exists():
+        root.mkdir(parents=True, exist_ok=True)
+        with _BuildLock(root / f"{name}.lock", build_timeout()):
+            if not library.exists():  # another process may have built it while we waited
+                _build_and_load(name, root, library)
+                return
+    torch.ops.load_library(str(library))
+
+
+def _build_and_load(name: str, root: Path, library: Path) -> None:
+    """Build in a scratch folder (torch loads the library from there), then move it into place."""
+    from torch.utils.cpp_extension import load as build_and_load
+
+    for stale in root.glob(f"{name}.build-*"):  # left by killed builds; we hold the lock
+        shutil.rmtree(stale, ignore_errors=True)
+    scratch = root / f"{name}.build-{os.getpid()}"
+    scratch.mkdir()
+    print(f"torchapprox: building the C++ CPU kernels, once per torch installation (about 25 s), in {library.parent}",
+          file=sys.stderr, flush=True)
+    try:
+        # Copies: torch's load() appends its own flags to the lists it is given.
+        build_and_load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+                       build_directory=str(scratch), is_python_module=False, verbose=False)
+        library.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(scratch / f"{name}.so", library)  # atomic: nobody sees half a library
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+class _BuildLock:
+    """An exclusive ``flock`` on ``path``, waited for at most ``timeout`` seconds."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        self.path, self.timeout, self.handle = path, timeout, None
+
+    def __enter__(self) -> None:
+        try:
+            import fcntl
+        except ImportError:  # not POSIX: builds are not serialised, each in its own folder
+            return
+        self.handle = open(self.path, "a+")  # noqa: SIM115 - held until __exit__
+        deadline = time.monotonic() + self.timeout
+        while True:
+            try:
+                fcntl.flock(self.handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    self.handle.close()
+                    raise TimeoutError(
+                        f"another process has been building the kernels for over {self.timeout:.0f} s "
+                        f"(lock {self.path}; TORCHAPPROX_BUILD_TIMEOUT sets the wait)"
+                    ) from None
+                time.sleep(0.2)
+
+    def __exit__(self, *exc_info) -> None:
+        if self.handle is not None:
+            self.handle.close()  # closing drops the flock

@@ -1,82 +1,79 @@
-"""MinMaxQuant: the stateless per-tensor min/max quantizer (symmetric signed by default)."""
+"""MinMaxQuant: the stateless min/max quantizer (symmetric, signed, per-tensor by default)."""
 
 from __future__ import annotations
 
-import functools
+import numbers
 
 import torch
 
-from .approx_quantizer import ApproxQuantizer
-from .kernels import fused_cpu_ops, round_to_grid
+from . import reference
+from .approx_quantizer import ApproxQuantizer, check_float_tensor
+from .ops import fake_quantize_ste
+
+GRIDS = reference.GRIDS
 
 
-def _compute_dtype(x: torch.Tensor) -> torch.dtype:
-    # Half types cannot hold large grids (fp16 tops out at 65504, bf16 has 8 mantissa bits),
-    # so they are quantized in float32 and cast back; float32 and float64 stay as they are.
-    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+def _scale_factor(minmax: torch.Tensor, int_max: int | torch.Tensor) -> torch.Tensor:
+    """``int_max / minmax`` with the special ranges of ``reference.scale_from_range``."""
+    top_level = torch.as_tensor(int_max, device=minmax.device).to(minmax.dtype).expand_as(minmax)
+    return reference.scale_from_range(minmax, top_level, torch.logical_not(torch.isfinite(minmax)))
 
 
-def _abs_max(x: torch.Tensor) -> torch.Tensor:
-    # One pass over memory and no |x| temporary: max|x| = max(-min(x), max(x)).
-    low, high = torch.aminmax(x.detach())
-    minmax = torch.maximum(low.neg(), high)
-    dtype = _compute_dtype(x)
-    return minmax if minmax.dtype == dtype else minmax.to(dtype)
+class _QuantizeWithScale(torch.autograd.Function):
+    """``clamp(round(x * scale), qmin, qmax)``, straight through the rounding: the gradient
+    is ``upstream * scale`` where the value is not clipped."""
 
+    generate_vmap_rule = True
 
-def _scale_factor(minmax: torch.Tensor, int_max: int) -> torch.Tensor:
-    # An all-zero tensor has minmax 0: any finite scale maps it to zeros, so use 1 rather
-    # than dividing by zero. torch.where keeps this on the device (no host sync). A true
-    # division (`int_max / tensor` would multiply by the reciprocal, off by an ulp at times),
-    # as the fused CPU kernel divides.
-    return torch.where(minmax > 0, torch.full_like(minmax, int_max).div_(minmax), 1.0)
+    @staticmethod
+    def forward(x, scale, qmin, qmax):
+        return torch.clamp(torch.round(x.to(scale.dtype) * scale), qmin, qmax).to(x.dtype)
 
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, scale, qmin, qmax = inputs
+        ctx.save_for_backward(x, scale)
+        ctx.bounds = (qmin, qmax)
 
-GRIDS = ("signed", "unsigned", "auto")
-
-
-def _grid_range(x: torch.Tensor, bitwidth: int, grid: str):
-    """(lower, upper, scale) of the unsigned grid [0, 2^b - 1], or for ``grid="auto"`` of
-    whichever grid fits this tensor: unsigned when min(x) >= 0, else signed. The choice is
-    a torch.where on the device, so it costs no host sync."""
-    low, high = torch.aminmax(x.detach())
-    dtype = _compute_dtype(x)
-    low, high = low.to(dtype), high.to(dtype)
-    unsigned_max, signed_max = 2**bitwidth - 1, 2 ** (bitwidth - 1) - 1
-    if grid == "unsigned":
-        upper = high.clamp_min(0)
-        return torch.zeros_like(upper), upper, _scale_factor(upper, unsigned_max)
-    unsigned = low >= 0
-    upper = torch.maximum(low.neg(), high)  # == high when unsigned
-    # Both scales computed as in the fixed grids, so "auto" equals one of them bit for bit.
-    scale = torch.where(unsigned, _scale_factor(upper, unsigned_max), _scale_factor(upper, signed_max))
-    return torch.where(unsigned, 0.0, -upper), upper, scale
-
-
-def _clamp_scale_round(x: torch.Tensor, lower, upper, scale: torch.Tensor) -> torch.Tensor:
-    """round(clamp(x, lower, upper) * scale) in the compute dtype, returned in x's dtype."""
-    compute = x.to(scale.dtype)
-    return torch.clamp(compute, lower, upper).mul_(scale).round_().to(x.dtype)
-
-
-def _fake_quantize_with_scale(x: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """The grid values of ``x`` for a known scale: the one elementwise pass of FakeQuant."""
-    if x.dtype == scale.dtype:  # the common case, without the dispatch of two no-op .to()
-        return round_to_grid(x, scale)
-    return round_to_grid(x.to(scale.dtype), scale).to(x.dtype)
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        passing = reference.straight_through_mask(x, scale, *ctx.bounds)
+        return (grad * scale * passing).to(grad.dtype), None, None, None
 
 
 class MinMaxQuant(ApproxQuantizer):
-    """Per-tensor min/max quantizer, symmetric and signed by default.
+    """Min/max quantizer: symmetric and signed, one scale per tensor, by default.
 
-    ``minmax = max|x|`` of the tensor being quantized, ``scale_factor = int_max / minmax``,
-    ``quantize(x) = round(clamp(x, -minmax, minmax) * scale_factor)``. Nothing is accumulated
-    between calls: the scale factor of the last call is kept only so it can be read.
+    ``minmax = max|x|`` of the tensor being quantized, ``scale_factor = int_max / minmax``
+    with ``int_max = 2^(b-1) - 1`` (the narrow symmetric grid: 4 bits is [-7, 7]),
+    ``quantize(x) = round(x * scale_factor)``; calling the module fake-quantizes,
+    ``round(x * scale_factor) / scale_factor``, with a straight-through (identity) gradient.
+    Nothing is accumulated between calls: the scale factor of the last direct call is kept
+    only so it can be read (quantized layers use ``fake_quantize_with_scale``, which keeps
+    nothing).
 
-    ``grid="unsigned"`` uses the integer range [0, 2^b - 1] with ``minmax = max(x)``
-    (negative values are clipped to 0): a non-negative tensor, such as the output of a ReLU,
-    gets all 2^b levels instead of the 2^(b-1) non-negative levels of the signed grid.
-    ``grid="auto"`` chooses per tensor: unsigned when ``min(x) >= 0``, signed otherwise.
+    Args:
+        bitwidth: bits of the grid, an int in 2..32.
+        grid: ``"signed"`` (the default, above); ``"unsigned"``: the integer range
+            [0, 2^b - 1] with ``minmax = max(x)``, negative values clipped to 0 (with no
+            gradient), so a non-negative tensor such as a ReLU's output gets all 2^b
+            levels; ``"auto"``: per tensor (or channel), unsigned when ``min(x) >= 0``,
+            signed otherwise.
+        axis: ``None`` (one scale per tensor, the seed's quantizer) or a dimension ``k``:
+            one scale per slice along ``k`` (per-channel), equal to
+            ``torch.fake_quantize_per_channel_affine`` with zero point 0 and range
+            [-int_max, int_max] up to rounding ties. ``scale_factor`` then has the size of
+            dimension ``k``.
+
+    Special values: an all-zero tensor, or one whose range is so small that the scale would
+    overflow (max|x| below about 1e-36 in float32), gets scale 1 and comes out all zero. A
+    NaN or an infinity anywhere in the tensor gives a NaN scale and an all-NaN result.
+    float16 and bfloat16 are quantized in float32 and cast back.
+
+    Raises:
+        TypeError: a tensor that is not floating point (integers, bool, complex).
+        ValueError: a bad ``bitwidth``, ``grid`` or ``axis``.
 
     Example::
 
@@ -88,15 +85,17 @@ class MinMaxQuant(ApproxQuantizer):
     """
 
     class Quant(torch.autograd.Function):
-        """round(clamp(x, -minmax, minmax) * int_max / minmax), straight through the rounding."""
+        """The seed's node: ``round(clamp(x, -minmax, minmax) * int_max / minmax)``, with the
+        gradient ``upstream * int_max / minmax``. ``int_max`` is a Python int or a tensor."""
 
-        # forward/setup_context split and a generated vmap rule: torch.func (vmap, grad)
-        # can run it too.
+        # forward/setup_context split and a generated vmap rule: torch.func can run it too.
         generate_vmap_rule = True
 
         @staticmethod
-        def forward(x: torch.Tensor, minmax: torch.Tensor, int_max: int) -> torch.Tensor:
-            return _clamp_scale_round(x, -minmax, minmax, _scale_factor(minmax, int_max))
+        def forward(x: torch.Tensor, minmax: torch.Tensor, int_max) -> torch.Tensor:
+            scale = _scale_factor(minmax, int_max)
+            compute = x.to(scale.dtype)
+            return torch.clamp(compute, -minmax, minmax).mul(scale).round().to(x.dtype)
 
         @staticmethod
         def setup_context(ctx, inputs, output) -> None:
@@ -108,50 +107,14 @@ class MinMaxQuant(ApproxQuantizer):
             (scale_factor,) = ctx.saved_tensors
             return (grad_x_quant * scale_factor).to(grad_x_quant.dtype), None, None
 
-    class FakeQuant(torch.autograd.Function):
-        """round(x * scale_factor) / scale_factor in one allocation, identity gradient.
-
-        Equal to ``Quant(...) / scale_factor`` to the last bit: minmax is max|x|, so the
-        clamp of ``Quant`` never changes a value and is skipped here.
-        """
-
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x: torch.Tensor, scale_factor: torch.Tensor) -> torch.Tensor:
-            return _fake_quantize_with_scale(x, scale_factor)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output) -> None:
-            pass
-
-        @staticmethod
-        def backward(ctx, grad_x_fake: torch.Tensor):
-            return grad_x_fake, None
-
-    class QuantRange(torch.autograd.Function):
-        """round(clamp(x, lower, upper) * scale), straight through the rounding (any grid)."""
-
-        generate_vmap_rule = True
-
-        @staticmethod
-        def forward(x, lower, upper, scale):
-            return _clamp_scale_round(x, lower, upper, scale)
-
-        @staticmethod
-        def setup_context(ctx, inputs, output) -> None:
-            ctx.save_for_backward(inputs[3])
-
-        @staticmethod
-        def backward(ctx, grad):
-            (scale,) = ctx.saved_tensors
-            return (grad * scale).to(grad.dtype), None, None, None
-
-    def __init__(self, bitwidth: int = 8, *, grid: str = "signed") -> None:
+    def __init__(self, bitwidth: int = 8, *, grid: str = "signed", axis: int | None = None) -> None:
         super().__init__(bitwidth)
         if grid not in GRIDS:
             raise ValueError(f"`grid` must be one of {', '.join(GRIDS)}, got {grid!r}")
+        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
+            raise TypeError(f"`axis` must be None (per tensor) or an int dimension, got {axis!r}")
         self.grid = grid
+        self.axis = None if axis is None else int(axis)
         self._scale_factor: torch.Tensor | None = None
 
     @property
@@ -160,45 +123,45 @@ class MinMaxQuant(ApproxQuantizer):
         return 2**self.bitwidth - 1
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + ("" if self.grid == "signed" else f", grid={self.grid!r}")
+        text = super().extra_repr() + ("" if self.grid == "signed" else f", grid={self.grid!r}")
+        return text + ("" if self.axis is None else f", axis={self.axis}")
 
     @property
     def scale_factor(self) -> torch.Tensor | None:
-        """``int_max / max|x|`` of the last tensor quantized (None before the first)."""
+        """``int_max / max|x|`` of the last tensor given to ``quantize``/``fake_quantize`` or
+        the module (None before the first); per-channel: one per slice, shape ``[C]``."""
         return self._scale_factor
 
+    def _axes(self, x: torch.Tensor) -> list[int]:
+        if self.axis is None:
+            return []
+        if not -x.dim() <= self.axis < x.dim():
+            raise ValueError(f"`axis` {self.axis} is out of range for a tensor of {x.dim()} dimensions {tuple(x.shape)}")
+        return [self.axis % x.dim()]
+
+    def _keep(self, scale: torch.Tensor) -> None:
+        self._scale_factor = scale if self.axis is None else scale.reshape(-1)
+
+    def fused_kernel_args(self) -> tuple[int, str] | None:
+        return (self.bitwidth, self.grid) if self.axis is None else None
+
+    def compute_scale(self, x: torch.Tensor) -> torch.Tensor:
+        """The scale factor of ``x`` (no gradient), in the shape that broadcasts against x."""
+        check_float_tensor(x)
+        return torch.ops.torchapprox.minmax_scale(x.detach(), self.bitwidth, self.grid, self._axes(x))
+
     def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        scale = self.compute_scale(x)
+        self._keep(scale)
         if x.numel() == 0:
             return x.clone()
-        if self.grid != "signed":
-            lower, upper, self._scale_factor = _grid_range(x, self.bitwidth, self.grid)
-            return MinMaxQuant.QuantRange.apply(x, lower, upper, self._scale_factor)
-        minmax = _abs_max(x)
-        self._scale_factor = _scale_factor(minmax, self.int_max)
-        return MinMaxQuant.Quant.apply(x, minmax, self.int_max)
+        return _QuantizeWithScale.apply(x, scale, *reference.grid_bounds(self.bitwidth, self.grid))
+
+    def fake_quantize_with_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        check_float_tensor(x)
+        return fake_quantize_ste(x, self.bitwidth, self.grid, self._axes(x))
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        if x.numel() == 0:
-            return x.clone()
-        # Signed and auto grids have an identity gradient: one fused call where it runs.
-        ops = fused_cpu_ops(x) if self.grid != "unsigned" else None
-        if ops is not None:
-            x_fake, scale = ops.fake_quantize_minmax(x, self.bitwidth, self.grid == "auto")
-            recompute = ops.round_to_grid
-        else:
-            if self.grid == "signed":
-                scale = _scale_factor(_abs_max(x), self.int_max)
-            else:
-                _, _, scale = _grid_range(x, self.bitwidth, self.grid)
-                if self.grid == "unsigned":
-                    x = x.clamp_min(0)  # below the grid: clipped, with clipped gradient
-            x_fake = MinMaxQuant.FakeQuant.apply(x, scale)
-            recompute = _fake_quantize_with_scale
-        self._scale_factor = scale
-        # (Not under torch.func transforms: they do not support saved-tensor hooks.)
-        if self.offer_recompute and torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
-            # The grid values are a pure function of x and the scale: a layer that saves
-            # x_fake for its backward can keep x (alive anyway, most often) and recompute.
-            source = x.detach()
-            self.recompute = (x_fake, source, functools.partial(recompute, source, scale))
+        x_fake, scale = self.fake_quantize_with_scale(x)
+        self._keep(scale)
         return x_fake

@@ -1,22 +1,31 @@
-// Fused CPU kernels of MinMaxQuant (built on first use by cpu_extension.py).
+// CPU kernels of the torchapprox custom ops (built on first use by cpu_extension.py).
 //
-// Eager torch fake-quantizes a tensor in about ten dispatched ops and four passes over
-// memory (aminmax, multiply, round, divide), plus a Python autograd Function. Here it is one
-// dispatch: the range in one pass, round(x * scale) / scale in a second, and the
-// straight-through (identity) gradient registered in C++, so backward runs no Python.
+// The ops themselves (schemas, the torch-ops implementation every other device uses, fake
+// kernels, autograd and vmap rules) are defined in Python, in quantizers/ops.py. This file
+// only registers faster CPU kernels for them. Eager torch fake-quantizes a tensor in about
+// ten dispatched ops and four passes over memory; here the range is one pass and
+// clamp(rint(x * scale), qmin, qmax) / scale a second, in one dispatch.
 //
-// The arithmetic is that of the torch ops in minmax_quantizer.py, in the same order and
-// precision, so both paths give identical bits (tests/test_cpu_kernels.py checks this):
-//   scale = minmax > 0 ? int_max / minmax : 1, with minmax = max(-min(x), max(x)), and NaN
-//   when x holds a NaN (as torch.aminmax and torch.maximum give it);
-//   x_fake = rint(x * scale) / scale (rint rounds half to even, like torch.round).
+// The arithmetic is that of reference.py, in the same order and precision, so both give
+// identical values (tests/test_cpu_kernels.py checks this):
+//   range: low = min(x), high = max(x), over the whole tensor;
+//   scale = NaN when the tensor holds a NaN or an infinity; else int_max / top when that is
+//   finite and top > 0; else 1 (an all-zero tensor, or a range so small that the scale
+//   would overflow);
+//   x_fake = clamp(rint(x * scale), qmin, qmax) / scale (rint rounds half to even, like
+//   torch.round; a NaN stays NaN).
+// Fast loops cover dense float32/float64 tensors with one scale. Everything else (half
+// types, per-channel scales, non-dense tensors) runs the same ATen ops the Python
+// reference runs, so every case still takes the values of the reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <limits>
+#include <string>
 #include <tuple>
 #include <vector>
 
@@ -85,93 +94,295 @@ TA_VECTOR_CLONES Range<T> range_of_block(const T* __restrict data, int64_t begin
 
 template <typename T>
 TA_VECTOR_CLONES void round_to_grid_block(const T* __restrict x, T* __restrict out, int64_t begin, int64_t end,
-                                          T scale) {
+                                          T scale, T qmin, T qmax) {
 #pragma omp simd
-  for (int64_t i = begin; i < end; ++i) out[i] = std::rint(x[i] * scale) / scale;
+  for (int64_t i = begin; i < end; ++i) {
+    T r = std::rint(x[i] * scale);
+    r = r < qmin ? qmin : r;  // comparisons with NaN are false: a NaN passes through
+    r = r > qmax ? qmax : r;
+    out[i] = r / scale;
+  }
 }
 
 // The elements of a non-overlapping, dense tensor (contiguous, channels-last, any
 // permutation) lie in one block from its data pointer on, so elementwise work and
 // reductions can run over that block whatever the strides.
-at::Tensor dense(const at::Tensor& x) { return x.is_non_overlapping_and_dense() ? x : x.contiguous(); }
+bool fast(const at::Tensor& x) {
+  return (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) && x.is_non_overlapping_and_dense();
+}
+
+at::ScalarType compute_type(const at::Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
 
 void check_input(const at::Tensor& x, const char* op) {
   TORCH_CHECK(x.device().is_cpu(), "torchapprox::", op, ": expected a CPU tensor, got ", x.device());
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble, "torchapprox::", op,
-              ": expected float32 or float64, got ", x.scalar_type());
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "torchapprox::", op, ": expected a floating-point tensor, got ",
+              x.scalar_type());
 }
 
-at::Tensor round_to_grid(const at::Tensor& x, const at::Tensor& scale) {
-  check_input(x, "round_to_grid");
-  TORCH_CHECK(scale.dim() == 0 && scale.scalar_type() == x.scalar_type() && scale.device().is_cpu(),
-              "torchapprox::round_to_grid: scale must be a 0-dim CPU tensor of x's dtype");
-  const at::Tensor input = dense(x);
-  at::Tensor out = at::empty_like(input);  // the same strides as a dense input
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "round_to_grid", [&] {
-    const scalar_t s = scale.item<scalar_t>();
-    const scalar_t* src = input.const_data_ptr<scalar_t>();
-    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, input.numel(), kGrain,
-                     [&](int64_t begin, int64_t end) { round_to_grid_block(src, dst, begin, end, s); });
-  });
-  return out;
+void check_grid(const at::Tensor& x, int64_t bitwidth, const std::string& grid, at::IntArrayRef axes, const char* op) {
+  TORCH_CHECK(bitwidth >= 2 && bitwidth <= 32, "torchapprox::", op, ": bitwidth must be in 2..32, got ", bitwidth);
+  TORCH_CHECK(grid == "signed" || grid == "unsigned" || grid == "auto", "torchapprox::", op,
+              ": grid must be one of signed, unsigned, auto, got '", grid, "'");
+  for (size_t i = 0; i < axes.size(); ++i)
+    TORCH_CHECK(axes[i] >= 0 && axes[i] < x.dim() && (i == 0 || axes[i] > axes[i - 1]), "torchapprox::", op,
+                ": axes must be sorted, distinct dimensions of x (ndim ", x.dim(), "), got ", axes);
 }
 
-// The scale factor of the signed grid, or with auto_grid of the grid "auto" picks: the
-// unsigned one [0, 2^b - 1] when min(x) >= 0, else the signed one.
-at::Tensor minmax_scale(const at::Tensor& x, int64_t bitwidth, bool auto_grid) {
-  check_input(x, "fake_quantize_minmax");
-  const at::Tensor input = dense(x);
-  at::Tensor scale = at::empty({}, input.options());
+// ------------------------------------------------------------------ the reference, in ATen
+// The same ATen ops, in the same order, as reference.py.
+std::tuple<double, double> grid_bounds(int64_t bitwidth, const std::string& grid) {
   const double signed_max = std::ldexp(1.0, bitwidth - 1) - 1, unsigned_max = std::ldexp(1.0, bitwidth) - 1;
-  AT_DISPATCH_FLOATING_TYPES(input.scalar_type(), "minmax_scale", [&] {
-    const scalar_t* data = input.const_data_ptr<scalar_t>();
+  if (grid == "signed") return {-signed_max, signed_max};
+  if (grid == "unsigned") return {0.0, unsigned_max};
+  return {-signed_max, unsigned_max};  // auto: the grid each slice picks fits inside
+}
+
+at::Tensor reference_scale(const at::Tensor& x, int64_t bitwidth, const std::string& grid, at::IntArrayRef axes) {
+  const double signed_max = std::ldexp(1.0, bitwidth - 1) - 1, unsigned_max = std::ldexp(1.0, bitwidth) - 1;
+  std::vector<int64_t> reduce;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (std::find(axes.begin(), axes.end(), d) == axes.end()) reduce.push_back(d);
+  at::Tensor low, high;
+  if (axes.empty()) {
+    std::tie(low, high) = at::aminmax(x);
+  } else {
+    low = at::amin(x, reduce, true);
+    high = at::amax(x, reduce, true);
+  }
+  low = low.to(compute_type(x));
+  high = high.to(compute_type(x));
+  const at::Tensor nonfinite = at::logical_not(at::logical_and(at::isfinite(low), at::isfinite(high))).any();
+  at::Tensor top, int_max;
+  if (grid == "unsigned") {
+    top = high.clamp_min(0);
+    int_max = at::full_like(top, unsigned_max);
+  } else {
+    top = at::maximum(low.neg(), high);
+    int_max = at::full_like(top, signed_max);
+    if (grid == "auto") int_max = at::where(low >= 0, at::full_like(top, unsigned_max), int_max);
+  }
+  at::Tensor scale = int_max.div_(top);
+  scale = at::where(at::logical_and(top > 0, at::isfinite(scale)), scale, 1.0);
+  return at::where(nonfinite, std::numeric_limits<double>::quiet_NaN(), scale);
+}
+
+at::Tensor reference_round(const at::Tensor& x, const at::Tensor& scale, double qmin, double qmax) {
+  const at::Tensor compute = x.to(scale.scalar_type());
+  return at::clamp(at::round(compute * scale), qmin, qmax).div_(scale).to(x.scalar_type());
+}
+
+// ------------------------------------------------------------------------- the fast loops
+template <typename T>
+T scale_of_range(const Range<T>& range, int64_t bitwidth, const std::string& grid) {
+  if (range.nan || std::isinf(range.low) || std::isinf(range.high)) return std::numeric_limits<T>::quiet_NaN();
+  const double signed_max = std::ldexp(1.0, bitwidth - 1) - 1, unsigned_max = std::ldexp(1.0, bitwidth) - 1;
+  T top;
+  double int_max;
+  if (grid == "unsigned") {
+    top = std::max(range.high, T(0));
+    int_max = unsigned_max;
+  } else {
+    top = std::max(-range.low, range.high);
+    int_max = grid == "auto" && range.low >= 0 ? unsigned_max : signed_max;
+  }
+  const T scale = static_cast<T>(int_max) / top;
+  return top > 0 && std::isfinite(scale) ? scale : T(1);
+}
+
+at::Tensor fast_scale(const at::Tensor& x, int64_t bitwidth, const std::string& grid) {
+  at::Tensor scale = at::empty({}, x.options());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "minmax_scale", [&] {
+    const scalar_t* data = x.const_data_ptr<scalar_t>();
     const Range<scalar_t> range = at::parallel_reduce(
-        0, input.numel(), kGrain, empty_range<scalar_t>(),
+        0, x.numel(), kGrain, empty_range<scalar_t>(),
         [&](int64_t begin, int64_t end, Range<scalar_t> acc) { return merge(acc, range_of_block(data, begin, end)); },
         merge<scalar_t>);
-    const scalar_t low = range.nan ? NAN : range.low, high = range.nan ? NAN : range.high;
-    const scalar_t minmax = range.nan ? NAN : std::max(-low, high);
-    const double int_max = auto_grid && low >= 0 ? unsigned_max : signed_max;
-    *scale.mutable_data_ptr<scalar_t>() = minmax > 0 ? static_cast<scalar_t>(int_max) / minmax : scalar_t(1);
+    *scale.mutable_data_ptr<scalar_t>() = scale_of_range(range, bitwidth, grid);
   });
   return scale;
 }
 
-// Fake quantization with the straight-through gradient: backward passes the gradient as is.
-class FakeQuantizeMinMax : public torch::autograd::Function<FakeQuantizeMinMax> {
+at::Tensor fast_round(const at::Tensor& x, const at::Tensor& scale, double qmin, double qmax) {
+  at::Tensor out = at::empty_like(x);  // the same strides as a dense input
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "round_to_grid", [&] {
+    const scalar_t s = scale.item<scalar_t>();
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const scalar_t low = static_cast<scalar_t>(qmin), high = static_cast<scalar_t>(qmax);
+    at::parallel_for(0, x.numel(), kGrain,
+                     [&](int64_t begin, int64_t end) { round_to_grid_block(src, dst, begin, end, s, low, high); });
+  });
+  return out;
+}
+
+bool one_scale_for(const at::Tensor& x, const at::Tensor& scale) {
+  return scale.dim() == 0 && scale.scalar_type() == x.scalar_type() && scale.device().is_cpu();
+}
+
+// ----------------------------------------------------------------------------- the ops
+at::Tensor empty_scale(const at::Tensor& x, at::IntArrayRef axes) {
+  std::vector<int64_t> shape;
+  if (!axes.empty())
+    for (int64_t d = 0; d < x.dim(); ++d)
+      shape.push_back(std::find(axes.begin(), axes.end(), d) == axes.end() ? 1 : x.size(d));
+  return at::ones(shape, x.options().dtype(compute_type(x)));
+}
+
+at::Tensor minmax_scale(const at::Tensor& x, int64_t bitwidth, c10::string_view grid_view, at::IntArrayRef axes) {
+  check_input(x, "minmax_scale");
+  const std::string grid(grid_view);
+  check_grid(x, bitwidth, grid, axes, "minmax_scale");
+  if (x.numel() == 0) return empty_scale(x, axes);
+  if (axes.empty() && fast(x)) return fast_scale(x, bitwidth, grid);
+  return reference_scale(x, bitwidth, grid, axes);
+}
+
+at::Tensor round_to_grid(const at::Tensor& x, const at::Tensor& scale, int64_t qmin, int64_t qmax) {
+  check_input(x, "round_to_grid");
+  if (fast(x) && one_scale_for(x, scale)) return fast_round(x, scale, double(qmin), double(qmax));
+  return reference_round(x, scale, double(qmin), double(qmax));
+}
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, int64_t bitwidth, c10::string_view grid_view,
+                                                 at::IntArrayRef axes) {
+  check_input(x, "fake_quantize");
+  const std::string grid(grid_view);
+  check_grid(x, bitwidth, grid, axes, "fake_quantize");
+  const auto [qmin, qmax] = grid_bounds(bitwidth, grid);
+  if (x.numel() == 0) return {x.clone(), empty_scale(x, axes)};
+  if (axes.empty() && fast(x)) {
+    at::Tensor scale = fast_scale(x, bitwidth, grid);
+    return {fast_round(x, scale, qmin, qmax), scale};
+  }
+  at::Tensor scale = reference_scale(x, bitwidth, grid, axes);
+  return {reference_round(x, scale, qmin, qmax), scale};
+}
+
+// ------------------------------------------------------------------------------ autograd
+// The same straight-through rule as the Python registration in ops.py (which the other
+// devices use), here in C++ so that a CPU call runs no Python: the gradient passes where
+// the rounded value lies inside [qmin, qmax], the scale gets none.
+using torch::autograd::AutogradContext;
+using torch::autograd::variable_list;
+
+at::Tensor passing(const at::Tensor& x, const at::Tensor& scale, double qmin, double qmax) {
+  const at::Tensor rounded = at::round(x.to(scale.scalar_type()) * scale);
+  return at::logical_and(rounded >= qmin, rounded <= qmax);
+}
+
+const c10::TypedOperatorHandle<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, c10::string_view,
+                                                                    at::IntArrayRef)>&
+fake_quantize_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("torchapprox::fake_quantize", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, int64_t, c10::string_view,
+                                                                       at::IntArrayRef)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>& round_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("torchapprox::round_to_grid", "")
+                             .typed<at::Tensor(const at::Tensor&, const at::Tensor&, int64_t, int64_t)>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<at::Tensor(const at::Tensor&, int64_t, c10::string_view, at::IntArrayRef)>& scale_op() {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("torchapprox::minmax_scale", "")
+                             .typed<at::Tensor(const at::Tensor&, int64_t, c10::string_view, at::IntArrayRef)>();
+  return op;
+}
+
+class FakeQuantizeSTE : public torch::autograd::Function<FakeQuantizeSTE> {
  public:
-  static std::vector<at::Tensor> forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x,
-                                         int64_t bitwidth, bool auto_grid) {
-    const at::Tensor input = dense(x);  // one copy at most, shared by both passes
-    at::Tensor scale = minmax_scale(input, bitwidth, auto_grid);
-    at::Tensor out = round_to_grid(input, scale);
+  static variable_list forward(AutogradContext* ctx, const at::Tensor& x, int64_t bitwidth, const std::string& grid,
+                               const std::vector<int64_t>& axes) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [x_fake, scale] = fake_quantize_op().call(x, bitwidth, grid, axes);
     ctx->mark_non_differentiable({scale});
-    return {out, scale};
+    ctx->set_materialize_grads(false);  // no zero tensor for the scale's (absent) gradient
+    // A scale from x's own range clips only on the unsigned grid (below zero).
+    const bool clips = grid == "unsigned";
+    ctx->saved_data["clips"] = clips;
+    if (clips) {
+      const auto [qmin, qmax] = grid_bounds(bitwidth, grid);
+      ctx->saved_data["qmin"] = qmin;
+      ctx->saved_data["qmax"] = qmax;
+      ctx->save_for_backward({x, scale});
+    }
+    return {x_fake, scale};
   }
 
-  static std::vector<at::Tensor> backward(torch::autograd::AutogradContext*, std::vector<at::Tensor> grads) {
-    return {grads[0], at::Tensor(), at::Tensor()};
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    at::Tensor grad = grads[0];
+    if (grad.defined() && ctx->saved_data["clips"].toBool()) {
+      const auto saved = ctx->get_saved_variables();
+      grad = grad * passing(saved[0], saved[1], ctx->saved_data["qmin"].toDouble(), ctx->saved_data["qmax"].toDouble());
+    }
+    return {grad, at::Tensor(), at::Tensor(), at::Tensor()};
   }
 };
 
-std::tuple<at::Tensor, at::Tensor> fake_quantize_minmax(const at::Tensor& x, int64_t bitwidth, bool auto_grid) {
-  TORCH_CHECK(bitwidth >= 2 && bitwidth <= 32, "torchapprox::fake_quantize_minmax: bitwidth must be in 2..32, got ",
-              bitwidth);
-  std::vector<at::Tensor> outs = FakeQuantizeMinMax::apply(x, bitwidth, auto_grid);
+class RoundToGridSTE : public torch::autograd::Function<RoundToGridSTE> {
+ public:
+  static at::Tensor forward(AutogradContext* ctx, const at::Tensor& x, const at::Tensor& scale, int64_t qmin,
+                            int64_t qmax) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    ctx->saved_data["qmin"] = qmin;
+    ctx->saved_data["qmax"] = qmax;
+    ctx->save_for_backward({x, scale});
+    return round_op().call(x, scale, qmin, qmax);
+  }
+
+  static variable_list backward(AutogradContext* ctx, variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor mask = passing(saved[0], saved[1], double(ctx->saved_data["qmin"].toInt()),
+                                    double(ctx->saved_data["qmax"].toInt()));
+    return {grads[0] * mask, at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+bool records(const at::Tensor& x) { return at::GradMode::is_enabled() && x.requires_grad(); }
+
+std::tuple<at::Tensor, at::Tensor> fake_quantize_autograd(const at::Tensor& x, int64_t bitwidth,
+                                                          c10::string_view grid, at::IntArrayRef axes) {
+  if (!records(x)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return fake_quantize_op().call(x, bitwidth, grid, axes);
+  }
+  const variable_list outs = FakeQuantizeSTE::apply(x, bitwidth, std::string(grid), axes.vec());
   return {outs[0], outs[1]};
+}
+
+at::Tensor round_to_grid_autograd(const at::Tensor& x, const at::Tensor& scale, int64_t qmin, int64_t qmax) {
+  if (!records(x)) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return round_op().call(x, scale, qmin, qmax);
+  }
+  return RoundToGridSTE::apply(x, scale, qmin, qmax);
+}
+
+at::Tensor minmax_scale_autograd(const at::Tensor& x, int64_t bitwidth, c10::string_view grid, at::IntArrayRef axes) {
+  at::AutoDispatchBelowADInplaceOrView guard;  // a scale is never differentiable
+  return scale_op().call(x, bitwidth, grid, axes);
 }
 
 }  // namespace
 
-TORCH_LIBRARY(torchapprox, m) {
-  m.def("fake_quantize_minmax(Tensor x, int bitwidth, bool auto_grid) -> (Tensor, Tensor)");
-  m.def("round_to_grid(Tensor x, Tensor scale) -> Tensor");
+// The schemas are defined in Python (torch.library.custom_op in ops.py); these kernels
+// take the CPU dispatch keys, ahead of the Python implementation and autograd formula
+// that the other devices use.
+TORCH_LIBRARY_IMPL(torchapprox, CPU, m) {
+  m.impl("minmax_scale", &minmax_scale);
+  m.impl("round_to_grid", &round_to_grid);
+  m.impl("fake_quantize", &fake_quantize);
 }
 
-// The autograd Function inside handles the gradient, so the op sits above autograd.
-TORCH_LIBRARY_IMPL(torchapprox, CompositeImplicitAutograd, m) {
-  m.impl("fake_quantize_minmax", &fake_quantize_minmax);
+TORCH_LIBRARY_IMPL(torchapprox, AutogradCPU, m) {
+  m.impl("minmax_scale", &minmax_scale_autograd);
+  m.impl("round_to_grid", &round_to_grid_autograd);
+  m.impl("fake_quantize", &fake_quantize_autograd);
 }
-
-TORCH_LIBRARY_IMPL(torchapprox, CPU, m) { m.impl("round_to_grid", &round_to_grid); }

@@ -1,0 +1,112 @@
+"""The arithmetic of fake quantization in plain torch ops: the reference every kernel follows.
+
+These functions are what the custom ops in ``ops.py`` compute on every device; on the CPU
+a C++ kernel (``csrc/minmax_cpu.cpp``) computes the same values faster, and the tests hold
+the two to equality. Formulas (the symmetric min/max quantizer of the seed, extended):
+
+- grid bounds: signed ``[-(2^(b-1)-1), 2^(b-1)-1]`` (narrow: 4 bits is [-7, 7]), unsigned
+  ``[0, 2^b - 1]``; ``auto`` picks the unsigned grid for a tensor (or channel) whose minimum
+  is >= 0 and the signed one otherwise.
+- ``scale = int_max / top`` with ``top = max|x|`` (signed) or ``max(max(x), 0)`` (unsigned).
+  Special ranges: a NaN or an infinity anywhere in the tensor gives a NaN scale (so every
+  value comes out NaN and the divergence checks fire); ``top == 0`` (an all-zero tensor), or
+  a range so small that ``int_max / top`` overflows the dtype (below about 1e-36 in
+  float32), gives scale 1, so the values round to 0.
+- ``x_fake = clamp(round(x * scale), qmin, qmax) / scale``, rounding half to even.
+
+Half types (float16, bfloat16) are computed in float32 and the result cast back once:
+float16 tops out at 65504 and bfloat16 has 8 mantissa bits, too few for large grids.
+"""
+
+from __future__ import annotations
+
+import torch
+
+GRIDS = ("signed", "unsigned", "auto")
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other floating dtype is computed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def int_max(bitwidth: int) -> int:
+    """Largest level of the signed grid: 2^(b-1) - 1."""
+    return 2 ** (bitwidth - 1) - 1
+
+
+def unsigned_max(bitwidth: int) -> int:
+    """Largest level of the unsigned grid: 2^b - 1."""
+    return 2**bitwidth - 1
+
+
+def grid_bounds(bitwidth: int, grid: str) -> tuple[int, int]:
+    """(qmin, qmax) of the grid; for ``auto`` the hull of both grids (each tensor's own
+    scale keeps its values inside the grid it picked)."""
+    if grid == "signed":
+        return -int_max(bitwidth), int_max(bitwidth)
+    if grid == "unsigned":
+        return 0, unsigned_max(bitwidth)
+    return -int_max(bitwidth), unsigned_max(bitwidth)
+
+
+def scale_shape(x: torch.Tensor, axes: list[int]) -> list[int]:
+    """Shape of the scale: () for one scale per tensor, else x's rank with the sizes of
+    ``axes`` kept and 1 elsewhere (it broadcasts against x)."""
+    if not axes:
+        return []
+    return [x.shape[d] if d in axes else 1 for d in range(x.dim())]
+
+
+def minmax_scale(x: torch.Tensor, bitwidth: int, grid: str, axes: list[int]) -> torch.Tensor:
+    """The scale factor of ``x`` (one per slice along ``axes``), in the compute dtype."""
+    dtype = compute_dtype(x.dtype)
+    if x.numel() == 0:
+        return torch.ones(scale_shape(x, axes), dtype=dtype, device=x.device)
+    if axes:
+        reduce = [d for d in range(x.dim()) if d not in axes]
+        low, high = torch.amin(x, reduce, keepdim=True), torch.amax(x, reduce, keepdim=True)
+    else:
+        low, high = torch.aminmax(x)
+    low, high = low.to(dtype), high.to(dtype)
+    nonfinite = torch.logical_not(torch.logical_and(torch.isfinite(low), torch.isfinite(high))).any()
+    if grid == "unsigned":
+        top = high.clamp_min(0)
+        top_level = torch.full_like(top, unsigned_max(bitwidth))
+    else:
+        top = torch.maximum(low.neg(), high)
+        top_level = torch.full_like(top, int_max(bitwidth))
+        if grid == "auto":
+            top_level = torch.where(low >= 0, torch.full_like(top, unsigned_max(bitwidth)), top_level)
+    return scale_from_range(top, top_level, nonfinite)
+
+
+def scale_from_range(top: torch.Tensor, top_level: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
+    """``top_level / top``, or 1 where ``top`` is 0 or the quotient overflows, NaN where
+    ``nonfinite``. A true division, as the C++ kernel divides (``int / tensor`` would
+    multiply by the reciprocal, off by an ulp at times)."""
+    scale = top_level.div(top)
+    scale = torch.where(torch.logical_and(top > 0, torch.isfinite(scale)), scale, 1.0)
+    return torch.where(nonfinite, float("nan"), scale)
+
+
+def round_to_grid(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """``clamp(round(x * scale), qmin, qmax) / scale`` in the scale's dtype, returned in x's."""
+    compute = x.to(scale.dtype)
+    return torch.clamp(torch.round(compute * scale), qmin, qmax).div_(scale).to(x.dtype)
+
+
+def fake_quantize(x: torch.Tensor, bitwidth: int, grid: str, axes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fake, scale): ``x`` on the grid of its own range, and that range's scale."""
+    scale = minmax_scale(x, bitwidth, grid, axes)
+    if x.numel() == 0:
+        return x.clone(), scale
+    return round_to_grid(x, scale, *grid_bounds(bitwidth, grid)), scale
+
+
+def straight_through_mask(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Where the gradient passes: the rounded value lies inside the grid (not clipped).
+
+    The rule of ``torch.fake_quantize_per_tensor_affine``'s gradient."""
+    rounded = torch.round(x.to(scale.dtype) * scale)
+    return torch.logical_and(rounded >= qmin, rounded <= qmax)
