@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Iterable
 from typing import Any
 
@@ -15,8 +16,8 @@ from torch import nn
 
 import torchapprox as ta
 from torchapprox.layers import registered_types
-from torchapprox.quantizers.minmax_quantizer import GRIDS
-from torchapprox.validation import check_bool, check_overrides, check_patterns
+from torchapprox.quantizers.minmax_quantizer import EVAL_RANGES, GRIDS
+from torchapprox.validation import check_bool, check_overrides, check_patterns, check_range_gradient
 
 from .schedules import BitwidthSchedule, as_schedule
 
@@ -82,6 +83,11 @@ class QuantizationAwareTraining(Callback):
         per_channel_weights: one scale per output channel of each weight instead of one per
             tensor (see :func:`torchapprox.attach`); logged scale factors are then the mean
             over the channels.
+        range_gradient: let the gradient reach each quantizer's range (False, True,
+            ``"weights"`` or ``"inputs"``; see :func:`torchapprox.attach`).
+        eval_range: ``"batch"`` (each input's own range in evaluation too) or ``"running"``
+            (a moving average of the training ranges; kept in this callback's checkpoint
+            state). See :func:`torchapprox.attach`.
 
     Bitwidth drops are logged as ``quant/transition`` (the new bits) at the step they happen.
 
@@ -114,6 +120,8 @@ class QuantizationAwareTraining(Callback):
         bn_reestimate: bool = False,
         lr_rewarm_steps: int = 0,
         per_channel_weights: bool = False,
+        range_gradient: bool | str = False,
+        eval_range: str = "batch",
     ) -> None:
         self.schedule = as_schedule(schedule)
         self.quantize_weights = check_bool(quantize_weights, "quantize_weights")
@@ -141,6 +149,10 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"`lr_rewarm_steps` must be an int >= 0, got {lr_rewarm_steps!r}")
         self.lr_rewarm_steps = int(lr_rewarm_steps)
         self.per_channel_weights = check_bool(per_channel_weights, "per_channel_weights")
+        self.range_gradient = check_range_gradient(range_gradient)
+        if eval_range not in EVAL_RANGES:
+            raise ValueError(f"`eval_range` must be one of {', '.join(EVAL_RANGES)}, got {eval_range!r}")
+        self.eval_range = eval_range
         # The epoch (or step, with interval="step") whose bitwidth the model runs at: saved in
         # checkpoints (a plain int), so that test(ckpt_path=...) evaluates at the bitwidth
         # the checkpoint was trained at.
@@ -152,12 +164,17 @@ class QuantizationAwareTraining(Callback):
         self._bn_momentum: dict[nn.Module, float | None] = {}  # BatchNorms re-estimating
         self._rewarm_start: int | None = None  # global step where the LR re-warm began
         self._unscaled_lrs: list[tuple[dict, float]] = []
+        self._module: weakref.ref | None = None  # the LightningModule the quantizers sit on
+        self._pending_quantizer_state: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- attach and schedule
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.interval == "epoch" and trainer.max_epochs is not None and trainer.max_epochs > 0:
             for epoch in range(trainer.max_epochs):  # any bad answer fails before training
                 self.schedule(epoch)
+        module = self._module() if self._module is not None else None
+        if module is pl_module and ta.quantized_layers(pl_module):
+            return  # fit, then test: keep the quantizers (and what they keep, such as running ranges)
         self.quantized_layers = ta.attach(
             pl_module,
             self.bitwidth,
@@ -168,15 +185,21 @@ class QuantizationAwareTraining(Callback):
             activation_grid=self.activation_grid,
             recompute_inputs=self.recompute_inputs,
             per_channel_weights=self.per_channel_weights,
+            range_gradient=self.range_gradient,
+            eval_range=self.eval_range,
         )
-        if self.verbose and self.quantized_layers:
-            rank_zero_info(f"QuantizationAwareTraining: {ta.coverage_summary(pl_module)}")
         if not self.quantized_layers:
             excluded = f" (exclude={list(self.exclude)})" if self.exclude else ""
             raise ValueError(
                 f"{type(pl_module).__name__} has no layer to quantize{excluded}: QuantizationAwareTraining "
                 f"quantizes {', '.join(registered_types())} and the types registered with torchapprox.register_layer"
             )
+        self._module = weakref.ref(pl_module)
+        if self._pending_quantizer_state:
+            ta.load_quantizer_state(pl_module, self._pending_quantizer_state)
+            self._pending_quantizer_state = {}
+        if self.verbose:
+            rank_zero_info(f"QuantizationAwareTraining: {ta.coverage_summary(pl_module)}")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.interval == "step":  # every step's bitwidth checked before the first step
@@ -324,14 +347,29 @@ class QuantizationAwareTraining(Callback):
                 logger.experiment.add_histogram(f"quant/{layer_name}/weight/values", weight, step)
                 logger.experiment.add_histogram(f"quant/{layer_name}/weight/error", error, step)
 
+    def __getstate__(self) -> dict[str, Any]:
+        # A weak reference cannot be pickled (ddp_spawn pickles callbacks): the module is
+        # found again by setup() in the new process.
+        return {**self.__dict__, "_module": None}
+
     # --------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        # Plain Python types only: checkpoints must load under torch.load(weights_only=True).
-        return {"epoch": self.epoch, "bitwidth": int(self.bitwidth)}
+        # Plain Python types and tensors only: checkpoints must load under
+        # torch.load(weights_only=True). The quantizers' own tensors (running ranges) live
+        # here, not in the model's state dict, which keeps the plain model's keys.
+        module = self._module() if self._module is not None else None
+        tensors = {k: v.cpu() for k, v in ta.quantizer_state(module).items()} if module is not None else {}
+        return {"epoch": self.epoch, "bitwidth": int(self.bitwidth), "quantizer_state": tensors}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch = state_dict.get("epoch")
         self.bitwidth = state_dict.get("bitwidth", self.bitwidth)
+        tensors = dict(state_dict.get("quantizer_state") or {})
+        module = self._module() if self._module is not None else None
+        if module is not None and ta.quantized_layers(module):
+            ta.load_quantizer_state(module, tensors)  # restored after setup() attached
+        else:
+            self._pending_quantizer_state = tensors
 
 
 def _check_interval(value: object, name: str) -> int | None:

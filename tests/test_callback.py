@@ -113,7 +113,7 @@ def test_resume_mid_anneal_continues_at_the_scheduled_bitwidth(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit(tmp_path, schedule, max_epochs=2, extra_callbacks=[checkpoint])
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # plain types only
-    assert state["callbacks"]["QuantizationAwareTraining"] == {"epoch": 1, "bitwidth": 12}
+    assert state["callbacks"]["QuantizationAwareTraining"] == {"epoch": 1, "bitwidth": 12, "quantizer_state": {}}
 
     probe = BitwidthProbe()
     trainer = make_trainer(tmp_path, [QuantizationAwareTraining(schedule), probe], max_epochs=EPOCHS,
@@ -338,3 +338,25 @@ def test_recompute_inputs_reaches_the_input_quantizers(tmp_path):
 def test_bad_low_bit_arguments_fail_in_the_constructor(kwargs, error, message):
     with pytest.raises(error, match=message):
         QuantizationAwareTraining(8, **kwargs)
+
+
+def test_running_ranges_live_in_the_callback_state_and_survive_a_restart(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    trainer, model, _ = fit(tmp_path, 4, max_epochs=2, extra_callbacks=[checkpoint],
+                            qat_kwargs={"eval_range": "running", "range_gradient": True})
+    ranges = ta.quantizer_state(model)
+    assert set(ranges) == {"net.0.input_quantizer.running_range", "net.2.input_quantizer.running_range"}
+    tested = trainer.test(model, verbose=False)[0]["test/acc"]  # the same quantizers: ranges kept
+    assert torch.equal(ta.quantizer_state(model)["net.0.input_quantizer.running_range"],
+                       ranges["net.0.input_quantizer.running_range"])
+    state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert list(state["state_dict"]) == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
+    saved = next(v for k, v in state["callbacks"].items() if "QuantizationAwareTraining" in k)["quantizer_state"]
+    assert all(torch.equal(saved[k], ranges[k]) for k in ranges)
+    # a fresh process: new model, new callback, the checkpoint's ranges in evaluation
+    fresh = TinyClassifier()
+    qat = QuantizationAwareTraining(4, eval_range="running", range_gradient=True)
+    again = make_trainer(tmp_path / "again", [qat]).test(fresh, ckpt_path=tmp_path / "ckpt" / "last.ckpt",
+                                                          verbose=False)[0]["test/acc"]
+    assert all(torch.equal(ta.quantizer_state(fresh)[k], ranges[k]) for k in ranges)
+    assert again == tested

@@ -246,7 +246,7 @@ def scaled_forward(layer, x):
 
 def test_a_subclass_with_its_own_forward_stays_float_until_registered():
     model = nn.Sequential(nn.Linear(4, 4), Scaled(4, 4))
-    with pytest.warns(UserWarning, match=r"Scaled \(1 layer, \d+% of parameters\) left in float"):
+    with pytest.warns(UserWarning, match=r"Scaled \(1 layer, [\d.]+% of parameters\) left in float"):
         assert ta.attach(model, 4) == ["0"]
     register_layer(Scaled, weights={"weight": 0}, forward=scaled_forward)
     try:
@@ -293,7 +293,7 @@ def test_coverage_table_and_the_warning_name_the_float_layer_types():
     messages = [str(w.message) for w in caught if "left in float" in str(w.message)]
     assert len(messages) == 1  # once per attach
     total = sum(p.numel() for p in model.parameters())
-    share = round(100 * (16 * 16 + 16) / total)
+    share = f"{100 * (16 * 16 + 16) / total:.1f}"
     assert f"Scaled (1 layer, {share}% of parameters) left in float" in messages[0]
     assert names == ["embed", "head"]
     rows = {r["layer_type"]: r for r in ta.coverage(model)}

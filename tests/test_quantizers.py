@@ -214,3 +214,66 @@ def test_auto_grid_needs_no_values_on_the_host():
 def test_bad_grid_is_rejected():
     with pytest.raises(ValueError, match=r"`grid` must be one of signed, unsigned, auto, got 'positive'"):
         MinMaxQuant(4, grid="positive")
+
+
+# ----------------------------------------------------------- gradient through the range
+def _range_gradient_reference(x, bits, grid):
+    """Plain torch autograd, the range left attached: x_fake = STE(round(x L / m)) m / L."""
+    top = 2 ** (bits - 1) - 1
+    if grid == "unsigned":
+        top, m = 2**bits - 1, x.amax().clamp_min(0)
+    else:
+        m = x.abs().amax()
+        if grid == "auto" and bool(x.detach().amin() >= 0):
+            top = 2**bits - 1
+    u = x * top / m
+    r = u + (u.round() - u).detach()
+    return (r.clamp(0, top) if grid == "unsigned" else r) * m / top
+
+
+@pytest.mark.parametrize("grid", ["signed", "unsigned", "auto"])
+@pytest.mark.parametrize("bits", [2, 3, 8])
+def test_range_gradient_equals_autograd_through_the_abs_max(grid, bits):
+    torch.manual_seed(bits)
+    for x in (torch.randn(300, dtype=torch.float64), torch.rand(300, dtype=torch.float64)):
+        x = x.requires_grad_()
+        upstream = torch.randn(300, dtype=torch.float64)
+        q = MinMaxQuant(bits, grid=grid, range_gradient=True)
+        y = q(x)
+        assert torch.equal(y, MinMaxQuant(bits, grid=grid)(x))  # same values as the seed's quantizer
+        (grad,) = torch.autograd.grad(y, x, upstream)
+        (expected,) = torch.autograd.grad(_range_gradient_reference(x, bits, grid), x, upstream)
+        assert torch.allclose(grad, expected, atol=1e-12)
+        # only the extreme element gets more than the straight-through gradient
+        (plain,) = torch.autograd.grad(MinMaxQuant(bits, grid=grid)(x), x, upstream)
+        assert int((grad != plain).sum()) == 1
+
+
+def test_range_gradient_per_channel_goes_to_each_channels_extreme():
+    torch.manual_seed(0)
+    x = torch.randn(4, 9, dtype=torch.float64, requires_grad=True)
+    y = MinMaxQuant(3, axis=0, range_gradient=True)(x)
+    (grad,) = torch.autograd.grad(y, x, torch.ones_like(x))
+    changed = grad != 1.0
+    assert changed.sum(dim=1).tolist() == [1, 1, 1, 1]
+    assert torch.equal(changed.nonzero()[:, 1], x.detach().abs().argmax(dim=1))
+
+
+# ------------------------------------------------------------- running ranges in eval
+def test_running_eval_range_averages_training_ranges_and_clips_in_eval():
+    q = MinMaxQuant(4, eval_range="running", momentum=0.5)
+    assert q.running_range is None
+    q.train()
+    q(torch.tensor([-1.0, 2.0]))
+    q(torch.tensor([-3.0, 4.0]))
+    assert q.running_range.tolist() == [-2.0, 3.0]  # (-1 + -3) / 2, (2 + 4) / 2
+    q.eval()
+    x = torch.tensor([-5.0, 0.4, 3.0])
+    y = q(x)
+    assert y.tolist() == pytest.approx([-3.0, 3 / 7, 3.0])  # clipped to the running range 3
+    assert q.scale_factor.item() == pytest.approx(7 / 3)
+    assert "running_range" not in q.state_dict()  # outside the state dict
+    with pytest.raises(ValueError, match="`eval_range` must be one of batch, running, got 'ema'"):
+        MinMaxQuant(4, eval_range="ema")
+    with pytest.raises(ValueError, match=r"`momentum` must be a number in \(0, 1\], got 0"):
+        MinMaxQuant(4, eval_range="running", momentum=0)

@@ -2,7 +2,8 @@
 
 from .coverage import coverage, coverage_summary
 from .layers import register_layer
-from .qat import attach, detach, enable_statistics, quantized_layers, set_bitwidth, statistics
+from .qat import (attach, detach, enable_statistics, load_quantizer_state, quantized_layers, quantizer_state,
+                  set_bitwidth, statistics)
 from .quantizers import ApproxQuantizer, MinMaxQuant
 
 __all__ = [
@@ -13,7 +14,9 @@ __all__ = [
     "coverage_summary",
     "detach",
     "enable_statistics",
+    "load_quantizer_state",
     "quantized_layers",
+    "quantizer_state",
     "register_layer",
     "set_bitwidth",
     "statistics",

@@ -87,7 +87,7 @@ def _percent(fraction: float) -> str:
         return "0%"
     if fraction < 0.001:
         return "<0.1%"
-    return f"{100 * fraction:.1f}%" if fraction < 0.1 else f"{100 * fraction:.0f}%"
+    return f"{100 * fraction:.1f}%"
 
 
 def describe_float_layers(rows: list[dict[str, Any]]) -> str:

@@ -36,8 +36,8 @@ from .layers import find_layer_type
 from .layers.registry import LayerType
 from .quantizers import ApproxQuantizer, MinMaxQuant
 from .quantizers.approx_quantizer import check_bitwidth
-from .quantizers.minmax_quantizer import GRIDS
-from .validation import check_bool, check_overrides, check_patterns
+from .quantizers.minmax_quantizer import EVAL_RANGES, GRIDS
+from .validation import check_bool, check_overrides, check_patterns, check_range_gradient
 
 # Attributes attach() leaves on a layer; detach() removes exactly these.
 _WEIGHTS_ATTR = "_torchapprox_weights"  # names of the layer's quantized weights
@@ -56,6 +56,8 @@ def attach(
     activation_grid: str = "signed",
     recompute_inputs: bool = True,
     per_channel_weights: bool = False,
+    range_gradient: bool | str = False,
+    eval_range: str = "batch",
 ) -> list[str]:
     """Put ``MinMaxQuant`` quantizers on the weights and inputs of ``model``'s layers.
 
@@ -81,6 +83,14 @@ def attach(
         per_channel_weights: one scale per output channel of each weight (the axis each
             layer type declares: 0 for Linear/Conv weights, 1 for ConvTranspose and
             transformers' Conv1D) instead of one per tensor. Inputs keep one scale each.
+        range_gradient: let the gradient flow through each quantizer's range ``max|x|`` to
+            the extreme element (see :class:`MinMaxQuant`): False (the default), True, or
+            ``"weights"``/``"inputs"`` for one kind of quantizer only. Layers whose inputs
+            take it keep their quantized input for backward, as with ``recompute_inputs=False``.
+        eval_range: the range an input quantizer uses in eval mode: ``"batch"`` (the
+            default: each tensor's own, as in training) or ``"running"`` (an exponential
+            moving average, momentum 0.1, of the ranges seen in training mode; it lives
+            outside the state dict).
 
     Returns:
         The qualified names (as ``model.named_modules()`` spells them) of the quantized
@@ -108,6 +118,9 @@ def attach(
         raise ValueError(f"`activation_grid` must be one of {', '.join(GRIDS)}, got {activation_grid!r}")
     recompute_inputs = check_bool(recompute_inputs, "recompute_inputs")
     per_channel_weights = check_bool(per_channel_weights, "per_channel_weights")
+    range_gradient = check_range_gradient(range_gradient)
+    if eval_range not in EVAL_RANGES:
+        raise ValueError(f"`eval_range` must be one of {', '.join(EVAL_RANGES)}, got {eval_range!r}")
 
     detach(model)
     candidates = {name: (layer, spec) for name, layer in model.named_modules()
@@ -126,10 +139,14 @@ def attach(
         for weight_name in weight_names:
             axis = axes[weight_name] if per_channel_weights else None
             quantizer = shared.quantizer(name, layer, weight_name, axis, layer_bits, pinned is not None)
+            quantizer.range_gradient = range_gradient in (True, "weights")
+            quantizer.role = "weight"
             layer.add_module(f"{weight_name}_quantizer", quantizer)
         for input_name in spec.inputs if activations else ():
-            quantizer = _quantizer(layer_bits, pinned is not None, grid=activation_grid)
+            quantizer = _quantizer(layer_bits, pinned is not None, grid=activation_grid, eval_range=eval_range)
             quantizer.recompute_in_backward = recompute_inputs
+            quantizer.range_gradient = range_gradient in (True, "inputs")
+            quantizer.role = "input"
             layer.add_module(f"{input_name}_quantizer", quantizer)
         _install(layer, spec, weight_names)
     for name, layer in model.named_modules():
@@ -211,8 +228,9 @@ def set_bitwidth(model: nn.Module, bitwidth: int) -> int:
     return len(free)
 
 
-def _quantizer(bitwidth: int, pinned: bool, grid: str = "signed", axis: int | None = None) -> MinMaxQuant:
-    quantizer = MinMaxQuant(bitwidth, grid=grid, axis=axis)
+def _quantizer(bitwidth: int, pinned: bool, grid: str = "signed", axis: int | None = None,
+               eval_range: str = "batch") -> MinMaxQuant:
+    quantizer = MinMaxQuant(bitwidth, grid=grid, axis=axis, eval_range=eval_range)
     quantizer.pinned = pinned  # set_bitwidth leaves a pinned quantizer at its own bits
     return quantizer
 
@@ -257,6 +275,43 @@ def statistics(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor]]
         if entry:
             result[name] = entry
     return result
+
+
+def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The tensors quantizers keep between calls (running ranges, frozen ranges), by
+    qualified name (``"net.0.input_quantizer.running_range"``), detached, on their device.
+
+    They are non-persistent buffers, outside ``model.state_dict()`` (which keeps exactly the
+    plain model's keys): save them beside it, e.g. in the callback's checkpoint state, and
+    restore them with :func:`load_quantizer_state`. Plain tensors: they load with
+    ``torch.load(weights_only=True)``.
+    """
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, ApproxQuantizer):
+            for buffer_name, buffer in module._buffers.items():
+                if buffer is not None:
+                    state[f"{name}.{buffer_name}" if name else buffer_name] = buffer.detach().clone()
+    return state
+
+
+def load_quantizer_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
+    """Restore what :func:`quantizer_state` returned onto an attached model.
+
+    Raises:
+        KeyError: a name that is not a quantizer buffer of ``model`` (attached with other options?).
+    """
+    quantizers = {name: module for name, module in model.named_modules() if isinstance(module, ApproxQuantizer)}
+    for key, tensor in state.items():
+        owner, _, buffer_name = key.rpartition(".")
+        quantizer = quantizers.get(owner)
+        if quantizer is None or buffer_name not in quantizer._buffers:
+            raise KeyError(f"quantizer state {key!r} has no quantizer buffer in the model (quantizers: "
+                           f"{', '.join(list(quantizers)[:10])}{' ...' if len(quantizers) > 10 else ''})")
+        current = quantizer._buffers[buffer_name]
+        device = current.device if current is not None else next(
+            (t.device for t in model.parameters()), tensor.device)
+        setattr(quantizer, buffer_name, tensor.detach().clone().to(device))
 
 
 def detach(model: nn.Module, bake: bool = False) -> list[str]:
@@ -380,7 +435,9 @@ __all__ = [
     "attach",
     "detach",
     "enable_statistics",
+    "load_quantizer_state",
     "quantized_layers",
+    "quantizer_state",
     "set_bitwidth",
     "statistics",
     "weight_source",

@@ -40,3 +40,13 @@ def check_overrides(overrides: Mapping[str, int] | None, name: str = "bitwidth_o
             raise TypeError(f"`{name}` keys must be fnmatch patterns (str), got {pattern!r}")
         checked[pattern] = check_bitwidth(bits, f"{name}[{pattern!r}]")
     return checked
+
+
+RANGE_GRADIENT_CHOICES = (False, True, "weights", "inputs")
+
+
+def check_range_gradient(value: object, name: str = "range_gradient") -> bool | str:
+    """False, True, "weights" or "inputs": which quantizers pass a gradient to their range."""
+    if not any(value is choice or (isinstance(choice, str) and value == choice) for choice in RANGE_GRADIENT_CHOICES):
+        raise ValueError(f"`{name}` must be False, True, 'weights' or 'inputs', got {value!r}")
+    return value

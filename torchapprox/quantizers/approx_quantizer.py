@@ -69,6 +69,8 @@ class ApproxQuantizer(nn.Module, ABC):
         # backward rather than keeping them (memory for one elementwise pass).
         self.pinned = False
         self.recompute_in_backward = True
+        # "weight" or "input": what attach() put this quantizer on (None when used on its own).
+        self.role: str | None = None
 
     # Plain attributes written on calls: set directly, without nn.Module.__setattr__'s
     # checks for parameters, buffers and submodules (several microseconds per call).

@@ -8,9 +8,11 @@ import torch
 
 from . import reference
 from .approx_quantizer import ApproxQuantizer, check_float_tensor
-from .ops import fake_quantize_ste
+from .ops import apply, differentiable, fake_quantize_ste, round_to_grid_ste
+from .range_gradient import FakeQuantizeRangeGradient
 
 GRIDS = reference.GRIDS
+EVAL_RANGES = ("batch", "running")
 
 
 def _scale_factor(minmax: torch.Tensor, int_max: int | torch.Tensor) -> torch.Tensor:
@@ -65,6 +67,11 @@ class MinMaxQuant(ApproxQuantizer):
             ``torch.fake_quantize_per_channel_affine`` with zero point 0 and range
             [-int_max, int_max] up to rounding ties. ``scale_factor`` then has the size of
             dimension ``k``.
+        range_gradient: False (the seed's quantizer): the range ``max|x|`` is treated as a
+            constant in backward, the gradient is the straight-through estimator alone.
+            True: the gradient also flows through the range to the tensor's extreme
+            element (see ``range_gradient.py`` for the formula and its source). Forward
+            values are the same either way.
 
     Special values: an all-zero tensor, or one whose range is so small that the scale would
     overflow (max|x| below about 1e-36 in float32), gets scale 1 and comes out all zero. A
@@ -107,8 +114,26 @@ class MinMaxQuant(ApproxQuantizer):
             (scale_factor,) = ctx.saved_tensors
             return (grad_x_quant * scale_factor).to(grad_x_quant.dtype), None, None
 
-    def __init__(self, bitwidth: int = 8, *, grid: str = "signed", axis: int | None = None) -> None:
+    def __init__(self, bitwidth: int = 8, *, grid: str = "signed", axis: int | None = None,
+                 range_gradient: bool = False, eval_range: str = "batch", momentum: float = 0.1) -> None:
         super().__init__(bitwidth)
+        if not isinstance(range_gradient, bool):
+            raise TypeError(f"`range_gradient` must be True or False, got {range_gradient!r}")
+        if eval_range not in EVAL_RANGES:
+            raise ValueError(f"`eval_range` must be one of {', '.join(EVAL_RANGES)}, got {eval_range!r}")
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0 < momentum <= 1:
+            raise ValueError(f"`momentum` must be a number in (0, 1], got {momentum!r}")
+        if eval_range == "running" and axis is not None:
+            raise ValueError("`eval_range='running'` keeps one range per tensor: it needs `axis=None`")
+        self.range_gradient = range_gradient
+        self.eval_range = eval_range
+        self.momentum = float(momentum)
+        # (low, high) of the tensors seen in training, averaged: outside the state dict, so
+        # that checkpoints keep the plain model's keys (the callback saves it in its own state).
+        self.register_buffer("running_range", None, persistent=False)
+        # A frozen (calibrated) range, used in training and evaluation alike: constant scales
+        # for integer-only deployment (see torchapprox.calibrate). Outside the state dict too.
+        self.register_buffer("static_range", None, persistent=False)
         if grid not in GRIDS:
             raise ValueError(f"`grid` must be one of {', '.join(GRIDS)}, got {grid!r}")
         if axis is not None and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
@@ -124,7 +149,8 @@ class MinMaxQuant(ApproxQuantizer):
 
     def extra_repr(self) -> str:
         text = super().extra_repr() + ("" if self.grid == "signed" else f", grid={self.grid!r}")
-        return text + ("" if self.axis is None else f", axis={self.axis}")
+        text += "" if self.axis is None else f", axis={self.axis}"
+        return text + (", range_gradient=True" if self.range_gradient else "")
 
     @property
     def scale_factor(self) -> torch.Tensor | None:
@@ -143,7 +169,32 @@ class MinMaxQuant(ApproxQuantizer):
         self._scale_factor = scale if self.axis is None else scale.reshape(-1)
 
     def fused_kernel_args(self) -> tuple[int, str] | None:
-        return (self.bitwidth, self.grid) if self.axis is None else None
+        plain = (self.axis is None and not self.range_gradient and self.eval_range == "batch"
+                 and self.static_range is None)
+        return (self.bitwidth, self.grid) if plain else None
+
+    def stored_range(self) -> torch.Tensor | None:
+        """The ``[low, high]`` range this quantizer uses instead of each tensor's own in its
+        current mode (frozen, or running in eval), or None (the tensor's own)."""
+        if self.static_range is not None:
+            return self.static_range
+        if self.eval_range == "running" and not self.training:
+            return self.running_range
+        return None
+
+    def freeze_range(self, value_range: torch.Tensor | None) -> None:
+        """Use the fixed range ``[low, high]`` from now on (None: each tensor's own again).
+
+        Values outside it are clipped. Per-tensor quantizers only."""
+        if value_range is None:
+            self.static_range = None
+            return
+        if self.axis is not None:
+            raise ValueError("a frozen range is one per tensor: the quantizer must have `axis=None`")
+        value_range = torch.as_tensor(value_range).detach().reshape(-1)
+        if value_range.numel() != 2 or not value_range.is_floating_point():
+            raise ValueError(f"`value_range` must hold two floats [low, high], got {value_range.tolist()}")
+        self.static_range = value_range.clone()
 
     def compute_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The scale factor of ``x`` (no gradient), in the shape that broadcasts against x."""
@@ -159,9 +210,46 @@ class MinMaxQuant(ApproxQuantizer):
 
     def fake_quantize_with_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         check_float_tensor(x)
+        if self.eval_range == "running" and self.training and x.numel() > 0 and self.static_range is None:
+            self._track_range(x)
+        stored = self.stored_range()
+        if stored is not None:
+            return fake_quantize_in_range(x, stored, self.bitwidth, self.grid)
+        if self.range_gradient and differentiable(x) and not torch.jit.is_tracing():
+            return apply(FakeQuantizeRangeGradient, x, self.bitwidth, self.grid, self._axes(x))
         return fake_quantize_ste(x, self.bitwidth, self.grid, self._axes(x))
+
+    @torch.no_grad()
+    def _track_range(self, x: torch.Tensor) -> None:
+        low, high = torch.aminmax(x.detach())
+        batch = torch.stack([low, high]).to(reference.compute_dtype(x.dtype))
+        if self.running_range is None:
+            self.running_range = batch
+        else:
+            self.running_range.lerp_(batch.to(self.running_range.device), self.momentum)
 
     def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
         x_fake, scale = self.fake_quantize_with_scale(x)
         self._keep(scale)
         return x_fake
+
+
+def fake_quantize_in_range(x: torch.Tensor, value_range: torch.Tensor, bitwidth: int, grid: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fake, scale) with the scale of a stored range ``[low, high]`` rather than x's own:
+    values outside the range are clipped (no gradient there), the rest rounds as usual."""
+    low, high = value_range[0], value_range[1]
+    nonfinite = torch.logical_not(torch.logical_and(torch.isfinite(low), torch.isfinite(high)))
+    signed_top = torch.maximum(low.neg(), high)
+    if grid == "unsigned":
+        top, top_level, lower = high.clamp_min(0), torch.full_like(high, reference.unsigned_max(bitwidth)), 0.0
+    else:
+        top, top_level, lower = signed_top, torch.full_like(high, reference.int_max(bitwidth)), signed_top.neg()
+        if grid == "auto":
+            unsigned = low >= 0
+            top_level = torch.where(unsigned, reference.unsigned_max(bitwidth), top_level)
+            lower = torch.where(unsigned, 0.0, lower)
+    scale = reference.scale_from_range(top, top_level, nonfinite)
+    clipped = torch.clamp(x.to(scale.dtype), lower, top)
+    x_fake = round_to_grid_ste(clipped, scale, *reference.grid_bounds(bitwidth, grid))
+    return x_fake.to(x.dtype), scale

@@ -271,3 +271,11 @@ def fake_quantize_ste(x: Tensor, bitwidth: int, grid: str, axes: list[int]) -> t
     if differentiable(x) and not torch.jit.is_tracing():
         return apply(FakeQuantize, x, bitwidth, grid, axes)
     return torch.ops.torchapprox.fake_quantize(x, bitwidth, grid, axes)
+
+
+def round_to_grid_ste(x: Tensor, scale: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``torchapprox::round_to_grid`` with the straight-through gradient when one is needed
+    (see :func:`fake_quantize_ste`)."""
+    if differentiable(x) and not torch.jit.is_tracing():
+        return apply(RoundToGrid, x, scale, qmin, qmax)
+    return torch.ops.torchapprox.round_to_grid(x, scale, qmin, qmax)
