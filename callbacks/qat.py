@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import numbers
 import weakref
@@ -11,15 +12,18 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import nn
 
 import torchapprox as ta
-from torchapprox.layers import registered_types
+from torchapprox.calibration import calibrate
+from torchapprox.layers import find_layer_type, registered_types
+from torchapprox.quantizers import ApproxQuantizer
 from torchapprox.quantizers.minmax_quantizer import EVAL_RANGES, GRIDS
 from torchapprox.validation import check_bool, check_overrides, check_patterns, check_range_gradient
 
-from .schedules import BitwidthSchedule, as_schedule
+from .schedules import BitwidthSchedule, as_schedule, final_position
 
 STAT_NAMES = ("scale_factor", "mse", "sqnr_db")
 
@@ -88,6 +92,17 @@ class QuantizationAwareTraining(Callback):
         eval_range: ``"batch"`` (each input's own range in evaluation too) or ``"running"``
             (a moving average of the training ranges; kept in this callback's checkpoint
             state). See :func:`torchapprox.attach`.
+        calibrate_batches: at the end of the last training epoch, freeze every input
+            quantizer's range to the min and max over this many training batches
+            (:func:`torchapprox.calibrate`): the last validation, the checkpoints and the
+            test then use constant input scales, as integer-only hardware and an exported
+            QDQ graph do. 0 (default): dynamic scales throughout. The ranges are kept in this
+            callback's checkpoint state. With no known last epoch (``max_epochs=-1``) the
+            calibration runs when training ends, after the last checkpoint.
+        strict_schedule: when the run is too short for the schedule to reach its final
+            bits (16 -> 4 over 20 epochs in a 10-epoch run), stop before training with an
+            error (True; the app's setting) or warn and train anyway (False, the default:
+            the run may be the first part of one resumed later).
 
     Bitwidth drops are logged as ``quant/transition`` (the new bits) at the step they happen.
 
@@ -122,6 +137,8 @@ class QuantizationAwareTraining(Callback):
         per_channel_weights: bool = False,
         range_gradient: bool | str = False,
         eval_range: str = "batch",
+        calibrate_batches: int = 0,
+        strict_schedule: bool = False,
     ) -> None:
         self.schedule = as_schedule(schedule)
         self.quantize_weights = check_bool(quantize_weights, "quantize_weights")
@@ -153,6 +170,10 @@ class QuantizationAwareTraining(Callback):
         if eval_range not in EVAL_RANGES:
             raise ValueError(f"`eval_range` must be one of {', '.join(EVAL_RANGES)}, got {eval_range!r}")
         self.eval_range = eval_range
+        if isinstance(calibrate_batches, bool) or not isinstance(calibrate_batches, numbers.Integral) or calibrate_batches < 0:
+            raise ValueError(f"`calibrate_batches` must be an int >= 0 (0: off), got {calibrate_batches!r}")
+        self.calibrate_batches = int(calibrate_batches)
+        self.strict_schedule = check_bool(strict_schedule, "strict_schedule")
         # The epoch (or step, with interval="step") whose bitwidth the model runs at: saved in
         # checkpoints (a plain int), so that test(ckpt_path=...) evaluates at the bitwidth
         # the checkpoint was trained at.
@@ -164,17 +185,35 @@ class QuantizationAwareTraining(Callback):
         self._bn_momentum: dict[nn.Module, float | None] = {}  # BatchNorms re-estimating
         self._rewarm_start: int | None = None  # global step where the LR re-warm began
         self._unscaled_lrs: list[tuple[dict, float]] = []
+        self._rewarm_factor: float | None = None
+        self._calibrated = False
+        self._rewarm_handles: list = []
         self._module: weakref.ref | None = None  # the LightningModule the quantizers sit on
         self._pending_quantizer_state: dict[str, torch.Tensor] = {}
 
     # ---------------------------------------------------------------- attach and schedule
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        if self.interval == "epoch" and trainer.max_epochs is not None and trainer.max_epochs > 0:
-            for epoch in range(trainer.max_epochs):  # any bad answer fails before training
-                self.schedule(epoch)
-        module = self._module() if self._module is not None else None
-        if module is pl_module and ta.quantized_layers(pl_module):
-            return  # fit, then test: keep the quantizers (and what they keep, such as running ranges)
+        self._check_schedule(trainer)
+        if is_overridden("configure_model", pl_module, LightningModule) and not self._attached_to(pl_module):
+            # Lightning builds those layers after setup(): attach right after it does, still
+            # before DDP/FSDP wrap the model and before a checkpoint is restored.
+            pl_module.configure_model = _ConfigureThenAttach(self, pl_module)
+        else:
+            self.attach(pl_module)
+
+    def attach(self, pl_module: LightningModule) -> list[str]:
+        """Put this callback's quantizers on ``pl_module`` (see :func:`torchapprox.attach`).
+
+        Called by ``setup()``; a module this callback already quantized keeps its quantizers
+        (and what they hold, such as running or frozen ranges) unless new layers appeared.
+        Returns the quantized layers' names.
+        """
+        previous = self._module() if self._module is not None else None
+        candidates = [name for name, layer in pl_module.named_modules()
+                      if find_layer_type(layer) is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)]
+        if previous is pl_module and ta.quantized_layers(pl_module) and set(candidates) <= set(self.quantized_layers):
+            return self.quantized_layers
+        kept = ta.quantizer_state(pl_module) if previous is pl_module else {}
         self.quantized_layers = ta.attach(
             pl_module,
             self.bitwidth,
@@ -195,16 +234,56 @@ class QuantizationAwareTraining(Callback):
                 f"quantizes {', '.join(registered_types())} and the types registered with torchapprox.register_layer"
             )
         self._module = weakref.ref(pl_module)
-        if self._pending_quantizer_state:
-            ta.load_quantizer_state(pl_module, self._pending_quantizer_state)
-            self._pending_quantizer_state = {}
+        state = {**kept, **self._pending_quantizer_state}
+        self._pending_quantizer_state = {}
+        known = {name for name, _ in _quantizer_buffer_names(pl_module)}
+        ta.load_quantizer_state(pl_module, {k: v for k, v in state.items() if k in known})
         if self.verbose:
             rank_zero_info(f"QuantizationAwareTraining: {ta.coverage_summary(pl_module)}")
+        return self.quantized_layers
+
+    def _attached_to(self, pl_module: LightningModule) -> bool:
+        return self._module is not None and self._module() is pl_module and bool(ta.quantized_layers(pl_module))
+
+    def _ensure_attached(self, pl_module: LightningModule) -> None:
+        # A configure_model() that Lightning did not call through the module (or not at
+        # all): attach now rather than run in float.
+        if not self._attached_to(pl_module):
+            pl_module.__dict__.pop("configure_model", None)
+            self.attach(pl_module)
+
+    def _check_schedule(self, trainer: Trainer) -> None:
+        """Every bitwidth of the run is valid, and the run lasts long enough for the schedule
+        to reach its final bits: a short run must not report the wider start silently."""
+        if self.interval == "epoch" and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            for epoch in range(trainer.max_epochs):  # any bad answer fails before training
+                self.schedule(epoch)
+            self._check_reaches_final_bits(trainer.max_epochs, "epoch", f"trainer.max_epochs={trainer.max_epochs}")
+
+    def _check_reaches_final_bits(self, length: int, unit: str, limit: str) -> None:
+        final = final_position(self.schedule)
+        if final is not None and final > length - 1:
+            message = (
+                f"the bitwidth schedule {self.schedule!r} reaches its final {self.schedule(final)} bits at {unit} "
+                f"{final}, but the run ends after {unit} {length - 1} ({limit}): lengthen the run or make the "
+                "schedule end earlier (the config's schedules take fractions of the run)"
+            )
+            if self.strict_schedule:
+                raise ValueError(message)
+            rank_zero_warn(f"QuantizationAwareTraining: {message}")
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.interval == "step":  # every step's bitwidth checked before the first step
-            for step in range(min(int(trainer.estimated_stepping_batches), 10**6)):
-                self.schedule(step)
+            steps = trainer.estimated_stepping_batches
+            if math.isfinite(steps):  # unbounded runs (max_epochs=-1 with max_time): no end to check
+                for step in range(min(int(steps), 10**6)):
+                    self.schedule(step)
+                self._check_reaches_final_bits(int(steps), "step", f"{int(steps)} training steps")
+        self._install_rewarm_hooks(trainer)
+        self._calibrated = False
+
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_attached(pl_module)
 
     def _position(self, trainer: Trainer) -> int:
         return trainer.global_step if self.interval == "step" else trainer.current_epoch
@@ -217,14 +296,39 @@ class QuantizationAwareTraining(Callback):
         if self.interval == "epoch":
             self._apply(trainer.current_epoch, trainer, pl_module)
 
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch >= trainer.max_epochs - 1
+        if self.calibrate_batches and (last or trainer.should_stop):
+            self._calibrate(trainer, pl_module)
+
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore_bn_momentum()
+        self._remove_rewarm_hooks()
+        if self.calibrate_batches and not self._calibrated:
+            self._calibrate(trainer, pl_module)
+
+    def _calibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        device = pl_module.device
+
+        def forward(model, batch):
+            inputs = batch[0] if isinstance(batch, (tuple, list)) else batch
+            return model(inputs.to(device))
+
+        ranges = calibrate(pl_module, trainer.train_dataloader, forward=forward, max_batches=self.calibrate_batches)
+        self._calibrated = True
+        if self.verbose:
+            rank_zero_info(f"QuantizationAwareTraining: froze {len(ranges)} input ranges on "
+                           f"{self.calibrate_batches} training batches (static scales from now on)")
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._remove_rewarm_hooks()
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if trainer.state.fn != "fit":  # during fit the training loop has set the bitwidth
             self.on_test_start(trainer, pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_attached(pl_module)
         self._apply(self.epoch if self.epoch is not None else self._position(trainer), trainer, pl_module)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -257,20 +361,41 @@ class QuantizationAwareTraining(Callback):
             module.momentum = momentum
         self._bn_momentum.clear()
 
-    def _scale_lr_for_rewarm(self, trainer: Trainer) -> None:
+    # The re-warm scales the learning rate only for the duration of each optimizer step,
+    # through the optimizer's own step hooks: a scheduler that steps between two optimizer
+    # steps sets the rate it wants, and the re-warm multiplies that.
+    def _install_rewarm_hooks(self, trainer: Trainer) -> None:
+        self._remove_rewarm_hooks()
+        if not self.lr_rewarm_steps:
+            return
+        for optimizer in trainer.optimizers:
+            self._rewarm_handles += [optimizer.register_step_pre_hook(self._rewarm_before_step),
+                                     optimizer.register_step_post_hook(self._rewarm_after_step)]
+
+    def _remove_rewarm_hooks(self) -> None:
+        for handle in self._rewarm_handles:
+            handle.remove()
+        self._rewarm_handles = []
+        self._unscaled_lrs.clear()
+
+    def _update_rewarm_factor(self, trainer: Trainer) -> None:
+        self._rewarm_factor = None
         if self._rewarm_start is None:
             return
         done = trainer.global_step - self._rewarm_start
         if done >= self.lr_rewarm_steps:
             self._rewarm_start = None
             return
-        factor = (done + 1) / self.lr_rewarm_steps
-        for optimizer in trainer.optimizers:
-            for group in optimizer.param_groups:
-                self._unscaled_lrs.append((group, group["lr"]))
-                group["lr"] = group["lr"] * factor
+        self._rewarm_factor = (done + 1) / self.lr_rewarm_steps
 
-    def _unscale_lr(self) -> None:
+    def _rewarm_before_step(self, optimizer, args, kwargs) -> None:
+        if self._rewarm_factor is None:
+            return
+        for group in optimizer.param_groups:
+            self._unscaled_lrs.append((group, group["lr"]))
+            group["lr"] = group["lr"] * self._rewarm_factor
+
+    def _rewarm_after_step(self, optimizer, args, kwargs) -> None:
         for group, lr in self._unscaled_lrs:
             group["lr"] = lr
         self._unscaled_lrs.clear()
@@ -285,7 +410,7 @@ class QuantizationAwareTraining(Callback):
                 self._apply(trainer.global_step, trainer, pl_module)
             else:  # unchanged: skip walking the model's modules on every step
                 self.epoch = trainer.global_step
-        self._scale_lr_for_rewarm(trainer)
+        self._update_rewarm_factor(trainer)
         step = trainer.global_step
         if trainer.loggers and step % self._interval(trainer) == 0 and step != self._last_logged_step:
             ta.enable_statistics(pl_module, True)
@@ -294,7 +419,6 @@ class QuantizationAwareTraining(Callback):
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        self._unscale_lr()
         step = self._recording_step
         if step is None:
             return
@@ -348,9 +472,9 @@ class QuantizationAwareTraining(Callback):
                 logger.experiment.add_histogram(f"quant/{layer_name}/weight/error", error, step)
 
     def __getstate__(self) -> dict[str, Any]:
-        # A weak reference cannot be pickled (ddp_spawn pickles callbacks): the module is
-        # found again by setup() in the new process.
-        return {**self.__dict__, "_module": None}
+        # A weak reference and hook handles cannot be pickled (ddp_spawn pickles callbacks):
+        # setup() finds the module again in the new process, on_train_start the optimizers.
+        return {**self.__dict__, "_module": None, "_rewarm_handles": []}
 
     # --------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
@@ -378,3 +502,24 @@ def _check_interval(value: object, name: str) -> int | None:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"`{name}` must be None or an int >= 1 (training steps), got {value!r}")
     return int(value)
+
+
+class _ConfigureThenAttach:
+    """Stands in for a LightningModule's ``configure_model`` for one call: runs the module's
+    own, then attaches the callback's quantizers to the layers it built. A class, not a
+    closure, so that the module stays picklable."""
+
+    def __init__(self, callback: QuantizationAwareTraining, pl_module: LightningModule) -> None:
+        self.callback, self.module = callback, pl_module
+
+    def __call__(self) -> None:
+        del self.module.configure_model  # the class's method again from now on
+        self.module.configure_model()
+        self.callback.attach(self.module)
+
+
+def _quantizer_buffer_names(model: nn.Module):
+    for name, module in model.named_modules():
+        if isinstance(module, ApproxQuantizer):
+            for buffer_name in module._buffers:
+                yield (f"{name}.{buffer_name}" if name else buffer_name), module

@@ -53,6 +53,9 @@ class ConstantBitwidth(BitwidthSchedule):
     def bits_at(self, epoch: int) -> int:
         return self.bits
 
+    def final_position(self) -> int:
+        return 0
+
 
 class StepBitwidth(BitwidthSchedule):
     """Piecewise constant: the bits of the latest milestone at or before the epoch.
@@ -79,8 +82,27 @@ class StepBitwidth(BitwidthSchedule):
             )
         self.milestones = dict(sorted(parsed.items()))
 
+    @classmethod
+    def from_percent(cls, milestones_percent: Mapping[int | str, int], epochs: int) -> StepBitwidth:
+        """Milestones as percentages of a run of ``epochs`` epochs, rounded to the nearest
+        epoch: ``StepBitwidth.from_percent({0: 16, 33: 8, 67: 4}, 30)`` is ``{0: 16, 10: 8, 20: 4}``.
+        The config's schedules use this, so that they fit any ``trainer.max_epochs``
+        (integer keys, so that one can be overridden: ``schedule.milestones_percent.67=2``)."""
+        epochs = _check_epoch(epochs, "epochs")
+        converted = {}
+        for percent, bits in milestones_percent.items():
+            value = float(percent)
+            if not 0 <= value < 100:
+                raise ValueError(f"milestone percentages must lie in [0, 100), got {percent!r}")
+            # The last epoch at the latest: in a short run a late milestone still happens.
+            converted[min(_round_half_up(value / 100 * epochs), max(epochs - 1, 0))] = bits
+        return cls(converted)
+
     def bits_at(self, epoch: int) -> int:
         return self.milestones[max(e for e in self.milestones if e <= epoch)]
+
+    def final_position(self) -> int:
+        return max(self.milestones)
 
 
 class LinearBitwidth(BitwidthSchedule):
@@ -114,6 +136,9 @@ class LinearBitwidth(BitwidthSchedule):
         t = self.shape(self.progress(epoch))
         return _round_half_up(self.start_bits + (self.end_bits - self.start_bits) * t)
 
+    def final_position(self) -> int:
+        return self.end_epoch
+
 
 class CosineBitwidth(LinearBitwidth):
     """Like ``LinearBitwidth`` but along a half cosine: slow at both ends, fast in the middle."""
@@ -133,6 +158,9 @@ class ListBitwidth(BitwidthSchedule):
     def bits_at(self, epoch: int) -> int:
         return self.bits[min(epoch, len(self.bits) - 1)]
 
+    def final_position(self) -> int:
+        return len(self.bits) - 1
+
 
 class CallableBitwidth(BitwidthSchedule):
     """Any user callable ``epoch -> bits``, its answers checked when they are asked for."""
@@ -142,6 +170,23 @@ class CallableBitwidth(BitwidthSchedule):
 
     def bits_at(self, epoch: int) -> int:
         return check_bitwidth(self.function(epoch), f"schedule({epoch})")
+
+
+def final_position(schedule: BitwidthSchedule) -> int | None:
+    """The first epoch (or step) from which the schedule gives its final bits for good, or
+    None when that cannot be known (an arbitrary callable)."""
+    method = getattr(schedule, "final_position", None)
+    return method() if callable(method) else None
+
+
+def epoch_at(percent: float, epochs: int) -> int:
+    """``percent`` % of a run of ``epochs`` epochs, rounded to the nearest epoch (for configs:
+    ``end_epoch: ${epoch_at:67,${trainer.max_epochs}}``)."""
+    value = float(percent)
+    if not 0 <= value <= 100:
+        raise ValueError(f"an epoch percentage must lie in [0, 100], got {percent!r}")
+    epochs = _check_epoch(epochs, "epochs")
+    return min(_round_half_up(value / 100 * epochs), max(epochs - 1, 0))
 
 
 def as_schedule(schedule: object) -> BitwidthSchedule:
@@ -177,4 +222,6 @@ __all__ = [
     "ListBitwidth",
     "StepBitwidth",
     "as_schedule",
+    "epoch_at",
+    "final_position",
 ]

@@ -54,6 +54,22 @@ class Classifier(LightningModule):
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), prog_bar=True, sync_dist=True)
         self.log(f"{stage}/acc", accuracy, prog_bar=True)
 
+    @torch.no_grad()
+    def evaluate(self, loader, stage: str = "test") -> dict[str, float]:
+        """Accuracy and mean cross-entropy over every sample of ``loader``, in this process
+        alone (no distributed sampler, which would pad the set with repeated samples)."""
+        was_training = self.training
+        self.eval()
+        correct, loss, count = 0, 0.0, 0
+        for x, y in loader:
+            x, y = x.to(self.device), y.to(self.device)
+            logits = self(x)
+            correct += int((logits.argmax(dim=1) == y).sum())
+            loss += float(F.cross_entropy(logits, y, reduction="sum"))
+            count += len(y)
+        self.train(was_training)
+        return {f"{stage}/acc": correct / count, f"{stage}/loss": loss / count}
+
     def configure_optimizers(self):
         optimizer = torch.optim.Adam(self.parameters(), lr=self.hparams.lr, weight_decay=self.hparams.weight_decay)
         if self.hparams.lr_schedule == "constant":

@@ -3,14 +3,21 @@
 Writes into the sweep dir ``summary.csv`` (one row per job), ``summary.md`` (the jobs, then
 mean ± std over seeds per cell) and ``summary.png`` (test accuracy against the final
 bitwidth, a line per schedule). A failed job is listed as failed; if any failed, the sweep
-exits with status 1 after the summary is written.
+exits with status 1 after the summary is written. An interrupted sweep (SIGTERM, SIGINT)
+writes the summary of the jobs it has before it stops.
+
+Rebuild the summary of a sweep dir at any time (after a crash, after jobs were added):
+
+    python -m experiments.sweep_summary multirun/<time>
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import logging
+import os
 import statistics
 import sys
 from collections import defaultdict
@@ -27,18 +34,24 @@ METRICS = ("val/acc", "val/loss", "test/acc", "test/loss")
 COLUMNS = ("job", "overrides", "status", *METRICS, "bitwidth", "seed", "error")
 
 
+_current_sweep_dir: Path | None = None  # the sweep this process runs, for an interrupted sweep
+
+
 class SweepSummary(Callback):
     def __init__(self, metric: str = "test/acc") -> None:
         self.metric = metric
 
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        global _current_sweep_dir
+        _current_sweep_dir = Path(config.hydra.sweep.dir)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+            return  # a DDP rank's process: the main process writes the summary
         sweep_dir = Path(config.hydra.sweep.dir)
-        rows = collect_jobs(sweep_dir)
-        if not rows:
-            log.warning("no jobs found in %s: nothing to summarise", sweep_dir)
+        rows = summarize(sweep_dir, self.metric)
+        if rows is None:
             return
-        write_summary(rows, sweep_dir, self.metric)
-        log.info("sweep summary: %s", sweep_dir / "summary.md")
         failed = [row["job"] for row in rows if row["status"] != "ok"]
         if failed:
             print(f"{len(failed)} of {len(rows)} jobs failed (jobs {', '.join(failed)}): see {sweep_dir / 'summary.md'}",
@@ -46,17 +59,49 @@ class SweepSummary(Callback):
             sys.exit(1)
 
 
+def summarize(sweep_dir: Path, metric: str = "test/acc") -> list[dict[str, Any]] | None:
+    """Write the summary files of ``sweep_dir`` from its job dirs; the rows, or None if none."""
+    rows = collect_jobs(sweep_dir)
+    if not rows:
+        log.warning("no jobs found in %s: nothing to summarise", sweep_dir)
+        return None
+    write_summary(rows, sweep_dir, metric)
+    log.info("sweep summary: %s", sweep_dir / "summary.md")
+    print(f"sweep summary: {sweep_dir / 'summary.md'}", flush=True)
+    return rows
+
+
+def summarize_current_sweep() -> None:
+    """After an interruption: the summary of the sweep this process was running, if any."""
+    if _current_sweep_dir is not None and _current_sweep_dir.is_dir():
+        summarize(_current_sweep_dir)
+
+
+def _job_number(job_dir: Path) -> float:
+    hydra_yaml = job_dir / ".hydra" / "hydra.yaml"
+    try:
+        return float(yaml.safe_load(hydra_yaml.read_text())["hydra"]["job"]["num"])
+    except (OSError, KeyError, TypeError, ValueError, yaml.YAMLError):
+        return float(job_dir.name) if job_dir.name.isdigit() else float("inf")
+
+
 def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
     """One row per job directory (one holding .hydra/overrides.yaml), in job order."""
+    if not sweep_dir.is_dir():
+        return []
     job_dirs = [d for d in sweep_dir.iterdir() if (d / ".hydra" / "overrides.yaml").is_file()]
     rows = []
-    for job_dir in sorted(job_dirs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else d.name)):
+    for job_dir in sorted(job_dirs, key=lambda d: (_job_number(d), d.name)):
         overrides = yaml.safe_load((job_dir / ".hydra" / "overrides.yaml").read_text()) or []
         row: dict[str, Any] = {"job": job_dir.name, "overrides": " ".join(overrides), "status": "failed", "error": ""}
         row["parsed"] = dict(o.lstrip("+~").split("=", 1) if "=" in o else (o.lstrip("+~"), "") for o in overrides)
-        metrics_file, failure_file = job_dir / "metrics.json", job_dir / "failed.json"
+        metrics_file = job_dir / "metrics.json"
+        failure_file, interrupted_file = job_dir / "failed.json", job_dir / "interrupted.json"
         if metrics_file.is_file():
             row.update(json.loads(metrics_file.read_text()))
+        elif interrupted_file.is_file():
+            marker = json.loads(interrupted_file.read_text())
+            row.update(status="interrupted", error=f"interrupted by {marker.get('signal')} in epoch {marker.get('epoch')}")
         elif failure_file.is_file():
             row.update(json.loads(failure_file.read_text()))
         else:
@@ -102,13 +147,40 @@ def aggregate(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
 
 
 def write_summary(rows: list[dict[str, Any]], sweep_dir: Path, metric: str = "test/acc") -> None:
-    with open(sweep_dir / "summary.csv", "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    """summary.csv, summary.md and summary.png, each replaced atomically."""
+    import io
+
+    table = io.StringIO()
+    writer = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    _write_atomically(sweep_dir / "summary.csv", table.getvalue().encode())
     cells = aggregate(rows, metric)
-    (sweep_dir / "summary.md").write_text(_markdown(rows, cells, metric))
-    _plot(cells, sweep_dir / "summary.png", metric)
+    _write_atomically(sweep_dir / "summary.md", _markdown(rows, cells, metric).encode())
+    temporary = sweep_dir / f".summary.{os.getpid()}.png"
+    try:
+        _plot(cells, temporary, metric)
+        temporary.replace(sweep_dir / "summary.png")
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        temporary.write_bytes(data)
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def percent(metric: str) -> bool:
+    """Accuracies are shown in percent; other metrics (losses, bits per byte) as they are."""
+    return metric.rsplit("/", 1)[-1].endswith("acc")
+
+
+def lower_is_better(metric: str) -> bool:
+    return not percent(metric)
 
 
 def _format(value: Any) -> str:
@@ -137,7 +209,8 @@ def _pivot(cells: list[dict[str, Any]], metric: str) -> list[str]:
             # fp32 cells of one series (one per swept bitwidth) pool into one entry
             values = [v for m in members for v in m["values"]]
             std = statistics.stdev(values) if len(values) > 1 else 0.0
-            entries.append(f"{100 * statistics.fmean(values):.2f} ± {100 * std:.2f}")
+            unit = 100 if percent(metric) else 1
+            entries.append(f"{unit * statistics.fmean(values):.{2 if percent(metric) else 3}f} ± {unit * std:.{2 if percent(metric) else 3}f}")
         lines.append(f"| {name} | " + " | ".join(entries) + " |")
     return lines + [""]
 
@@ -177,10 +250,31 @@ def _plot(cells: list[dict[str, Any]], path: Path, metric: str) -> None:
         if baseline:  # one line for the series, however many swept bitwidths it ran under
             axes.axhline(statistics.fmean(baseline), linestyle="--", color="gray", label=f"{name} (fp32)")
     axes.set_xlabel("final bitwidth")
-    axes.set_ylabel(f"{metric} (mean ± std over seeds)")
-    axes.set_title("Accuracy against bitwidth")
+    better = "lower is better" if lower_is_better(metric) else "higher is better"
+    axes.set_ylabel(f"{metric} (mean ± std over seeds; {better})")
+    axes.set_title(f"{metric} against bitwidth")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Rebuild summary.csv, summary.md and summary.png of a sweep dir.")
+    parser.add_argument("sweep_dir", type=Path, help="a sweep dir (multirun/<time>), holding one dir per job")
+    parser.add_argument("--metric", default="test/acc", help="the metric of the tables and the plot (default test/acc)")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"Error: {args.sweep_dir} is not a directory", file=sys.stderr)
+        return 2
+    rows = summarize(args.sweep_dir, args.metric)
+    if rows is None:
+        print(f"Error: {args.sweep_dir} holds no job dirs (none has .hydra/overrides.yaml)", file=sys.stderr)
+        return 2
+    print(f"{len(rows)} jobs: {sum(r['status'] == 'ok' for r in rows)} finished")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

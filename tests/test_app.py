@@ -78,7 +78,8 @@ def test_model_options_classify_digit_shaped_inputs(option):
         (["schedule=constant", "schedule.bits=3"], [3, 3, 3]),
         (["schedule=constant", "bits=6"], [6, 6, 6]),
         (["schedule=step"], [16] * 10 + [8] * 10 + [4] * 10),
-        (["schedule=step", "schedule.milestones.20=2"], [16] * 10 + [8] * 10 + [2] * 10),
+        (["schedule=step", "schedule.milestones_percent.67=2"], [16] * 10 + [8] * 10 + [2] * 10),
+        (["schedule=step", "trainer.max_epochs=9"], [16] * 3 + [8] * 3 + [4] * 3),  # fractions of the run
         (["schedule=linear", "bits=4"], [round(16 - 12 * e / 20 + 1e-9) for e in range(21)]),
         (["schedule=cosine", "schedule.end_epoch=2", "bits=8"], [16, 12, 8]),
         (["schedule=warmup", "bits=2"], [16] * 10 + [2] * 5),
@@ -178,7 +179,7 @@ def test_pipeline_writes_metrics_checkpoints_and_tensorboard(default_like_run):
     out, result = default_like_run
     saved = json.loads((out / "metrics.json").read_text())
     assert saved == result
-    assert saved["status"] == "ok" and saved["bitwidth"] == 16 and saved["epochs"] == 3
+    assert saved["status"] == "ok" and saved["bitwidth"] == 4 and saved["epochs"] == 3  # the schedule fits the run
     assert 0.5 < saved["test/acc"] <= 1.0 and 0.5 < saved["val/acc"] <= 1.0
     checkpoint = torch.load(out / "checkpoints" / "last.ckpt", weights_only=True)
     assert all(not key.count("quantizer") for key in checkpoint["state_dict"])
@@ -273,24 +274,25 @@ def test_multirun_sweep_writes_summary_and_keeps_rows_of_a_failed_job(tmp_path):
     sweep_dir = tmp_path / "sweep"
     result = app("-m", *FAST, "trainer.max_epochs=2", "schedule=constant", "schedule.bits=2,8,40",
                  f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
-    assert result.returncode == 1 and "1 of 3 jobs failed (jobs 2)" in result.stderr
+    failed_dir = next(d.name for d in sweep_dir.iterdir() if "schedule.bits=40" in d.name)
+    assert result.returncode == 1 and f"1 of 3 jobs failed (jobs {failed_dir})" in result.stderr
     import csv
 
     rows = list(csv.DictReader(open(sweep_dir / "summary.csv")))
-    assert [(r["job"], r["status"], r["bitwidth"]) for r in rows] == [("0", "ok", "2"), ("1", "ok", "8"), ("2", "failed", "")]
-    for row, job in zip(rows[:2], ("0", "1")):
-        metrics = json.loads((sweep_dir / job / "metrics.json").read_text())
+    assert [(r["status"], r["bitwidth"]) for r in rows] == [("ok", "2"), ("ok", "8"), ("failed", "")]  # job order
+    for row in rows[:2]:
+        assert "schedule.bits=" in row["job"]  # each job's dir is named after its overrides
+        metrics = json.loads((sweep_dir / row["job"] / "metrics.json").read_text())
         assert float(row["test/acc"]) == pytest.approx(metrics["test/acc"])
     assert "got 40" in rows[2]["error"]
     markdown = (sweep_dir / "summary.md").read_text()
-    assert "| 2 | data=synthetic" in markdown and "| failed |" in markdown
-    assert "| schedule.bits=8 | 8 | 1 |" in markdown
+    assert "| failed |" in markdown and "| schedule.bits=8 | 8 | 1 |" in markdown
     png = (sweep_dir / "summary.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
 
 
 def test_ddp_cpu_trainer_runs_two_processes(tmp_path):
-    result = app(*FAST, "trainer=ddp_cpu", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    result = app(*FAST, "trainer=ddp_cpu", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "train_ddp_process_1.log").is_file()  # the second rank ran
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "ok"

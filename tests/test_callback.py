@@ -273,10 +273,16 @@ class StepProbe(Callback):
     def __init__(self):
         self.bits, self.lrs, self.bn = {}, {}, {}
 
+    def on_train_start(self, trainer, pl_module):
+        # the rate the optimizer steps with: read inside its step (after the callback's hook)
+        def record(optimizer, args, kwargs):
+            self.lrs[trainer.global_step] = optimizer.param_groups[0]["lr"]
+
+        trainer.optimizers[0].register_step_pre_hook(record)
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         step = trainer.global_step
         self.bits[step] = BitwidthProbe._bits(pl_module)
-        self.lrs[step] = trainer.optimizers[0].param_groups[0]["lr"]
         bn = next((m for m in pl_module.modules() if isinstance(m, nn.BatchNorm1d)), None)
         if bn is not None:
             self.bn[step] = (bn.momentum, int(bn.num_batches_tracked))
@@ -307,6 +313,23 @@ def test_bitwidth_drop_resets_batchnorm_and_rewarms_the_learning_rate(tmp_path):
     assert [probe.lrs[s] for s in range(3, 9)] == pytest.approx([lr, lr / 3, 2 * lr / 3, lr, lr, lr])
     scalars = read_scalars(tmp_path / "tb" / "version_0")
     assert scalars["quant/transition"] == [(4, 4.0)]
+
+
+class DecayingClassifier(TinyClassifier):
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=1.0)
+        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.ExponentialLR(optimizer, 0.5)}
+
+
+def test_lr_rewarm_composes_with_a_scheduler(tmp_path):
+    """ExponentialLR halves the rate each epoch; a re-warm after a drop at epoch 1 scales the
+    rate inside the optimizer steps only, so the scheduler's own values stay 1, .5, .25, .125."""
+    probe = StepProbe()
+    fit(tmp_path, {0: 8, 1: 4}, model=DecayingClassifier(), max_epochs=4, extra_callbacks=[probe],
+        qat_kwargs={"lr_rewarm_steps": 2})
+    epoch_starts = [probe.lrs[step] for step in (0, 4, 8, 12)]
+    assert epoch_starts == pytest.approx([1.0, 0.5 / 2, 0.25, 0.125])  # step 4: the first re-warm step
+    assert [probe.lrs[step] for step in (4, 5, 6)] == pytest.approx([0.25, 0.5, 0.5])
 
 
 def test_overrides_and_activation_grid_through_the_callback(tmp_path):

@@ -52,7 +52,7 @@ def test_gradient_is_torchs_fake_quantize_gradient(grid):
     qmin, qmax = reference.grid_bounds(3, grid)
     oracle_x = x.detach().clone().requires_grad_()
     quant_min, quant_max = (0, 7) if grid == "unsigned" else (-3, 3)
-    oracle = torch.fake_quantize_per_tensor_affine(oracle_x, 1 / float(scale), 0, quant_min, quant_max)
+    oracle = torch.fake_quantize_per_tensor_affine(oracle_x, float(scale), 0, quant_min, quant_max)
     oracle.backward(upstream)
     assert torch.equal(grad, oracle_x.grad)
     assert not scale.requires_grad
@@ -143,4 +143,4 @@ def test_the_seeds_quant_node_takes_int_max_as_an_int_or_a_tensor():
 def test_fake_quantize_function_runs_under_torch_func():
     x = torch.randn(4, 3)
     grads = vmap(torch.func.grad(lambda t: apply(FakeQuantize, t, 4, "unsigned", [])[0].sum()))(x)
-    assert torch.equal(grads, (torch.round(x * OPS.minmax_scale(x, 4, "unsigned", [0])) >= 0).float())
+    assert torch.equal(grads, (torch.round(x / OPS.minmax_scale(x, 4, "unsigned", [0])) >= 0).float())

@@ -47,17 +47,27 @@ def test_fake_quantization_matches_aten_oracle(bitwidth, x):
 
 
 @pytest.mark.parametrize("bitwidth", [2, 4, 8])
-def test_forward_is_quantize_divided_by_scale_factor_exactly(bitwidth, x):
+def test_forward_is_quantize_times_scale_exactly(bitwidth, x):
     q = MinMaxQuant(bitwidth)
-    expected = q.quantize(x) / q.scale_factor
+    expected = q.quantize(x) * q.scale  # ONNX's DequantizeLinear of QuantizeLinear
     assert torch.equal(q(x), expected)
+    assert torch.allclose(q.scale_factor, 1 / q.scale) and torch.allclose(q(x), q.quantize(x) / q.scale_factor)
 
 
 def test_known_values_at_four_bits():
     q = MinMaxQuant(4)
-    x = torch.tensor([-1.0, 0.2, 0.5, 0.0714])
+    x = torch.tensor([-1.0, 0.2, 0.6, 0.0714])
     assert q.quantize(x).tolist() == [-7.0, 1.0, 4.0, 0.0]
     assert q(x).tolist() == pytest.approx([-1.0, 1 / 7, 4 / 7, 0.0])
+
+
+def test_rounding_is_onnx_quantize_linear_division_by_the_scale():
+    """0.5 * 7 is exactly 3.5, a tie (which half-to-even would round to 4), but 0.5 divided
+    by float32(1/7) is 3.4999998: ONNX's QuantizeLinear, and so the quantizer, give 3."""
+    q = MinMaxQuant(4)
+    assert q.quantize(torch.tensor([-1.0, 0.5])).tolist() == [-7.0, 3.0]
+    step = torch.tensor(1.0) / 7
+    assert torch.round(torch.tensor(0.5) / step).item() == 3.0
 
 
 def test_quantize_gradient_is_straight_through_times_scale(x):

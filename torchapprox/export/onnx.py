@@ -9,6 +9,7 @@ Needs the ``onnx`` and ``onnxscript`` packages (``pip install torchapprox[onnx]`
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 
 from ..qat import quantized_layers
 from ..quantizers import ApproxQuantizer, MinMaxQuant, reference
+from ..quantizers.minmax_quantizer import range_scale
 from . import ops
 
 _ONNX_TYPES = {torch.int8: 3, torch.uint8: 2, torch.int16: 5, torch.uint16: 4}  # onnx.TensorProto
@@ -35,10 +37,10 @@ class _ExportedWeight(ApproxQuantizer):
         with torch.no_grad():
             scale = quantizer.compute_scale(weight)
             bounds = reference.grid_bounds(quantizer.bitwidth, quantizer.grid)
-            levels = torch.clamp(torch.round(weight.detach().to(scale.dtype) * scale), *bounds)
+            levels = torch.clamp(torch.round(weight.detach().to(scale.dtype) / scale), *bounds)
         self.axis = -1 if quantizer.axis is None else quantizer.axis % weight.dim()
         self.register_buffer("levels", levels.to(dtype))
-        self.register_buffer("step", (1.0 / scale).reshape(-1).float() if scale.dim() else (1.0 / scale).float())
+        self.register_buffer("step", (scale.reshape(-1) if scale.dim() else scale).float())
 
     def fake_quantize_with_scale(self, x: Tensor) -> tuple[Tensor, Tensor]:
         # x (the float weight) is not used: the exported graph holds the integers.
@@ -61,13 +63,12 @@ class _ExportedInput(ApproxQuantizer):
         self.grid = quantizer.grid
         self.static = value_range is not None
         if self.static:
-            low, high = (float(v) for v in value_range)
+            step, lower, upper = range_scale(value_range.float(), self.bitwidth, self.grid)
             if self.grid == "auto":  # a frozen range fixes the grid too
-                self.grid = "unsigned" if low >= 0 else "signed"
-            top = max(high, 0.0) if self.grid == "unsigned" else max(-low, high)
-            level = reference.unsigned_max(self.bitwidth) if self.grid == "unsigned" else reference.int_max(self.bitwidth)
-            self.low, self.high = (0.0 if self.grid == "unsigned" else -top), top
-            self.register_buffer("step", torch.tensor(top / level if top > 0 else 1.0, dtype=torch.float32))
+                self.grid = "unsigned" if float(value_range[0]) >= 0 else "signed"
+            # The very float32 values the quantizer computes with: ONNX gets the same numbers.
+            self.low, self.high = float(lower), float(upper)
+            self.register_buffer("step", step.float())
         try:
             ops.container(self.bitwidth, self.grid)
         except ValueError as error:
@@ -136,7 +137,8 @@ def translation_table() -> dict:
             if grid == "auto":
                 unsigned = op.GreaterOrEqual(low, op.CastLike(0.0, x))
                 level = op.Where(unsigned, op.CastLike(float(reference.unsigned_max(bitwidth)), x), level)
-        step = op.Where(op.Greater(top, op.CastLike(0.0, x)), op.Div(top, level), op.CastLike(1.0, x))
+        tiny = op.CastLike(float(torch.finfo(torch.float32).tiny), x)
+        step = op.Where(op.Greater(top, op.CastLike(0.0, x)), op.Max(op.Div(top, level), tiny), op.CastLike(1.0, x))
         return _qdq(x, step, bitwidth, grid)
 
     def quantize_dequantize_static(x, step, low: float, high: float, bitwidth: int, grid: str):
@@ -205,14 +207,31 @@ def export_onnx(
         dynamic_shapes = tuple({0: batch} if isinstance(t, Tensor) and t.dim() else None for t in inputs)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporter's own deprecation and fallback chatter
-        torch.onnx.export(
-            exported, inputs, str(path), dynamo=True, opset_version=21, custom_translation_table=table,
-            dynamic_shapes=dynamic_shapes, input_names=list(input_names) if input_names else None,
-            output_names=list(output_names) if output_names else None, verbose=False,
-        )
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")  # the exporter's own deprecation and fallback chatter
+            torch.onnx.export(
+                exported, inputs, str(temporary), dynamo=True, opset_version=21, custom_translation_table=table,
+                dynamic_shapes=dynamic_shapes, input_names=list(input_names) if input_names else None,
+                output_names=list(output_names) if output_names else None, external_data=False, verbose=False,
+            )
+        strip_debug_info(temporary)
+        os.replace(temporary, path)  # one self-contained file, replaced atomically
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def strip_debug_info(path: str | Path) -> None:
+    """Drop what torch.onnx records for debugging on every node (the FX node, the module
+    path, the stack: more bytes than the int8 weights of a small model), then check it."""
     import onnx
 
-    onnx.checker.check_model(str(path))
-    return path
+    model = onnx.load(str(path))
+    for graph in [model.graph, *(f for f in model.functions)]:
+        for node in graph.node:
+            del node.metadata_props[:]
+            node.doc_string = ""
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))

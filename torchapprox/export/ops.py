@@ -13,9 +13,9 @@ it to ``torch.onnx.export`` with a translation of each into standard ONNX operat
   int bitwidth, str grid)``: x clipped to a calibrated range ``[low, high]`` and put on the
   grid of a constant scale: ``Clip`` + ``QuantizeLinear`` + ``DequantizeLinear``.
 
-Scales here are ONNX's, the step between levels (``1 / scale_factor`` of ``MinMaxQuant``):
-``x_fake = round(x / scale) * scale``. Rounding ties and the last bit of a product can
-differ from the quantizer's ``round(x * s) / s``; everything else is the same arithmetic.
+Scales are the step between levels (``MinMaxQuant.scale``), and the arithmetic is the
+quantizer's: ``x_fake = clamp(round(x / scale), qmin, qmax) * scale``, so that ONNX
+Runtime computes the model's values to the last bit (the tests check it).
 """
 
 from __future__ import annotations
@@ -71,7 +71,7 @@ def dynamic_step(x: Tensor, bitwidth: int, grid: str) -> Tensor:
         level = torch.tensor(float(reference.int_max(bitwidth)))
         if grid == "auto":
             level = torch.where(low >= 0, float(reference.unsigned_max(bitwidth)), level)
-    return torch.where(top > 0, top / level, 1.0)
+    return torch.where(top > 0, (top / level).clamp_min(torch.finfo(torch.float32).tiny), 1.0)
 
 
 @torch.library.custom_op("torchapprox::quantize_dequantize", mutates_args=())

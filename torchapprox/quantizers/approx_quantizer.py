@@ -74,7 +74,7 @@ class ApproxQuantizer(nn.Module, ABC):
 
     # Plain attributes written on calls: set directly, without nn.Module.__setattr__'s
     # checks for parameters, buffers and submodules (several microseconds per call).
-    _PER_CALL = frozenset(("_scale_factor", "last_statistics"))
+    _PER_CALL = frozenset(("_scale", "last_statistics"))
 
     def __setattr__(self, name: str, value) -> None:
         if name in self._PER_CALL:
@@ -111,8 +111,9 @@ class ApproxQuantizer(nn.Module, ABC):
         return self.quantize(x) / self.scale_factor
 
     def fake_quantize_with_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(fake_quantize(x), scale)``, leaving the quantizer unchanged where it can."""
-        return self.fake_quantize(x), self.scale_factor
+        """``(fake_quantize(x), scale)``, ``scale`` being the step between levels
+        (``1 / scale_factor``), leaving the quantizer unchanged where it can."""
+        return self.fake_quantize(x), 1.0 / self.scale_factor
 
     def fused_kernel_args(self) -> tuple[int, str] | None:
         """``(bitwidth, grid)`` when this quantizer computes exactly
@@ -124,7 +125,7 @@ class ApproxQuantizer(nn.Module, ABC):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_fake = self.fake_quantize(x)
         if self.record_statistics and x.numel() > 0:
-            self.last_statistics = quantization_error(x, x_fake, self.scale_factor)
+            self.last_statistics = quantization_error(x, x_fake, 1.0 / self.scale_factor)
         return x_fake
 
     def extra_repr(self) -> str:
@@ -133,12 +134,13 @@ class ApproxQuantizer(nn.Module, ABC):
 
 @torch.no_grad()
 def quantization_error(
-    x: torch.Tensor, x_fake: torch.Tensor, scale_factor: torch.Tensor
+    x: torch.Tensor, x_fake: torch.Tensor, scale: torch.Tensor
 ) -> dict[str, torch.Tensor]:
-    """Scale factor, MSE and SQNR (dB) of one quantization, as 0-dim float64 device tensors.
+    """Scale factor (``1 / scale``, the seed's ``int_max / max|x|``), MSE and SQNR (dB) of
+    one quantization, as 0-dim float64 device tensors.
 
-    For a per-channel quantization the scale factor is the mean of the channels' scales.
-    float64 because a float64 tensor's scale may exceed float32's range (max|x| = 1e-38
+    For a per-channel quantization the scale factor is the mean of the channels' factors.
+    float64 because a float64 tensor's factor may exceed float32's range (max|x| = 1e-38
     gives 1.3e40), and a logged inf would read as divergence.
     Nothing here reads a value back to the host. Both powers are clamped to the smallest
     normal float so that an exact quantization (or an all-zero tensor) gives a large finite
@@ -150,4 +152,5 @@ def quantization_error(
     signal = x.square().mean()
     tiny = torch.finfo(torch.float32).tiny
     sqnr_db = 10.0 * (signal.clamp_min(tiny).log10() - mse.clamp_min(tiny).log10())
-    return {"scale_factor": scale_factor.detach().double().mean(), "mse": mse.double(), "sqnr_db": sqnr_db.double()}
+    scale_factor = 1.0 / scale.detach().double()
+    return {"scale_factor": scale_factor.mean(), "mse": mse.double(), "sqnr_db": sqnr_db.double()}

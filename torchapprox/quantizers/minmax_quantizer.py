@@ -16,20 +16,22 @@ EVAL_RANGES = ("batch", "running")
 
 
 def _scale_factor(minmax: torch.Tensor, int_max: int | torch.Tensor) -> torch.Tensor:
-    """``int_max / minmax`` with the special ranges of ``reference.scale_from_range``."""
-    top_level = torch.as_tensor(int_max, device=minmax.device).to(minmax.dtype).expand_as(minmax)
-    return reference.scale_from_range(minmax, top_level, torch.logical_not(torch.isfinite(minmax)))
+    """The seed node's ``int_max / minmax``: 1 for a zero range or an overflowing quotient,
+    NaN for a NaN or infinite range."""
+    factor = torch.as_tensor(int_max, device=minmax.device).to(minmax.dtype) / minmax
+    factor = torch.where(torch.logical_and(minmax > 0, torch.isfinite(factor)), factor, 1.0)
+    return torch.where(torch.isfinite(minmax), factor, float("nan"))
 
 
 class _QuantizeWithScale(torch.autograd.Function):
-    """``clamp(round(x * scale), qmin, qmax)``, straight through the rounding: the gradient
-    is ``upstream * scale`` where the value is not clipped."""
+    """``clamp(round(x / scale), qmin, qmax)``, straight through the rounding: the gradient
+    is ``upstream / scale`` where the value is not clipped."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, scale, qmin, qmax):
-        return torch.clamp(torch.round(x.to(scale.dtype) * scale), qmin, qmax).to(x.dtype)
+        return torch.clamp(torch.round(x.to(scale.dtype) / scale), qmin, qmax).to(x.dtype)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -41,7 +43,7 @@ class _QuantizeWithScale(torch.autograd.Function):
     def backward(ctx, grad):
         x, scale = ctx.saved_tensors
         passing = reference.straight_through_mask(x, scale, *ctx.bounds)
-        return (grad * scale * passing).to(grad.dtype), None, None, None
+        return (grad / scale * passing).to(grad.dtype), None, None, None
 
 
 class MinMaxQuant(ApproxQuantizer):
@@ -51,6 +53,10 @@ class MinMaxQuant(ApproxQuantizer):
     with ``int_max = 2^(b-1) - 1`` (the narrow symmetric grid: 4 bits is [-7, 7]),
     ``quantize(x) = round(x * scale_factor)``; calling the module fake-quantizes,
     ``round(x * scale_factor) / scale_factor``, with a straight-through (identity) gradient.
+    The arithmetic is ONNX's QuantizeLinear/DequantizeLinear, so that an integer runtime
+    computes an exported model's values to the last bit: with ``scale = minmax / int_max``
+    (the step between levels, ``1 / scale_factor``), ``quantize(x) = round(x / scale)`` and
+    the fake quantization ``round(x / scale) * scale``. Rounding is half to even.
     Nothing is accumulated between calls: the scale factor of the last direct call is kept
     only so it can be read (quantized layers use ``fake_quantize_with_scale``, which keeps
     nothing).
@@ -73,9 +79,10 @@ class MinMaxQuant(ApproxQuantizer):
             element (see ``range_gradient.py`` for the formula and its source). Forward
             values are the same either way.
 
-    Special values: an all-zero tensor, or one whose range is so small that the scale would
-    overflow (max|x| below about 1e-36 in float32), gets scale 1 and comes out all zero. A
-    NaN or an infinity anywhere in the tensor gives a NaN scale and an all-NaN result.
+    Special values: an all-zero tensor gets scale 1 and comes out all zero; a range so small
+    that the step would fall below the dtype's smallest normal number (max|x| below about
+    1.5e-36 in float32 at 8 bits) gets that smallest step: a finite, coarse result. A NaN or
+    an infinity anywhere in the tensor gives a NaN scale and an all-NaN result.
     float16 and bfloat16 are quantized in float32 and cast back.
 
     Raises:
@@ -85,9 +92,9 @@ class MinMaxQuant(ApproxQuantizer):
     Example::
 
         >>> q = MinMaxQuant(bitwidth=4)
-        >>> q.quantize(torch.tensor([-1.0, 0.2, 0.5]))
+        >>> q.quantize(torch.tensor([-1.0, 0.2, 0.6]))
         tensor([-7.,  1.,  4.])
-        >>> q(torch.tensor([-1.0, 0.2, 0.5]))  # fake-quantized: grid values in x's range
+        >>> q(torch.tensor([-1.0, 0.2, 0.6]))  # fake-quantized: grid values in x's range
         tensor([-1.0000,  0.1429,  0.5714])
     """
 
@@ -140,7 +147,7 @@ class MinMaxQuant(ApproxQuantizer):
             raise TypeError(f"`axis` must be None (per tensor) or an int dimension, got {axis!r}")
         self.grid = grid
         self.axis = None if axis is None else int(axis)
-        self._scale_factor: torch.Tensor | None = None
+        self._scale: torch.Tensor | None = None
 
     @property
     def unsigned_max(self) -> int:
@@ -155,8 +162,14 @@ class MinMaxQuant(ApproxQuantizer):
     @property
     def scale_factor(self) -> torch.Tensor | None:
         """``int_max / max|x|`` of the last tensor given to ``quantize``/``fake_quantize`` or
-        the module (None before the first); per-channel: one per slice, shape ``[C]``."""
-        return self._scale_factor
+        the module (None before the first), as ``1 / scale``; per-channel: one per slice,
+        shape ``[C]``."""
+        return None if self._scale is None else 1.0 / self._scale
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """The step between levels of the last call, ``max|x| / int_max`` (ONNX's ``y_scale``)."""
+        return self._scale
 
     def _axes(self, x: torch.Tensor) -> list[int]:
         if self.axis is None:
@@ -166,7 +179,7 @@ class MinMaxQuant(ApproxQuantizer):
         return [self.axis % x.dim()]
 
     def _keep(self, scale: torch.Tensor) -> None:
-        self._scale_factor = scale if self.axis is None else scale.reshape(-1)
+        self._scale = scale if self.axis is None else scale.reshape(-1)
 
     def fused_kernel_args(self) -> tuple[int, str] | None:
         plain = (self.axis is None and not self.range_gradient and self.eval_range == "batch"
@@ -197,7 +210,7 @@ class MinMaxQuant(ApproxQuantizer):
         self.static_range = value_range.clone()
 
     def compute_scale(self, x: torch.Tensor) -> torch.Tensor:
-        """The scale factor of ``x`` (no gradient), in the shape that broadcasts against x."""
+        """The scale (step) of ``x``'s range (no gradient), in the shape that broadcasts against x."""
         check_float_tensor(x)
         return torch.ops.torchapprox.minmax_scale(x.detach(), self.bitwidth, self.grid, self._axes(x))
 
@@ -234,10 +247,9 @@ class MinMaxQuant(ApproxQuantizer):
         return x_fake
 
 
-def fake_quantize_in_range(x: torch.Tensor, value_range: torch.Tensor, bitwidth: int, grid: str
-                           ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(x_fake, scale) with the scale of a stored range ``[low, high]`` rather than x's own:
-    values outside the range are clipped (no gradient there), the rest rounds as usual."""
+def range_scale(value_range: torch.Tensor, bitwidth: int, grid: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, lower, upper) of a stored range ``[low, high]``: the step between levels and
+    the clipping bounds, as :func:`fake_quantize_in_range` (and an exported graph) use them."""
     low, high = value_range[0], value_range[1]
     nonfinite = torch.logical_not(torch.logical_and(torch.isfinite(low), torch.isfinite(high)))
     signed_top = torch.maximum(low.neg(), high)
@@ -249,7 +261,15 @@ def fake_quantize_in_range(x: torch.Tensor, value_range: torch.Tensor, bitwidth:
             unsigned = low >= 0
             top_level = torch.where(unsigned, reference.unsigned_max(bitwidth), top_level)
             lower = torch.where(unsigned, 0.0, lower)
-    scale = reference.scale_from_range(top, top_level, nonfinite)
-    clipped = torch.clamp(x.to(scale.dtype), lower, top)
+    lower = torch.as_tensor(lower, dtype=top.dtype, device=top.device)
+    return reference.scale_from_range(top, top_level, nonfinite), lower, top
+
+
+def fake_quantize_in_range(x: torch.Tensor, value_range: torch.Tensor, bitwidth: int, grid: str
+                           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x_fake, scale) with the scale of a stored range ``[low, high]`` rather than x's own:
+    values outside the range are clipped (no gradient there), the rest rounds as usual."""
+    scale, lower, upper = range_scale(value_range, bitwidth, grid)
+    clipped = torch.clamp(x.to(scale.dtype), lower, upper)
     x_fake = round_to_grid_ste(clipped, scale, *reference.grid_bounds(bitwidth, grid))
     return x_fake.to(x.dtype), scale

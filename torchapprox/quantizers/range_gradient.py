@@ -33,7 +33,7 @@ def range_gradient_backward(grad: Tensor, x: Tensor, scale: Tensor, bitwidth: in
     """The gradient of ``fake_quantize(x)`` with respect to x, range term included."""
     compute = x.to(scale.dtype)
     grad_c = grad.to(scale.dtype)
-    u = compute * scale
+    u = compute / scale
     rounded = torch.round(u)
     qmin, qmax = reference.grid_bounds(bitwidth, grid)
     passing = torch.logical_and(rounded >= qmin, rounded <= qmax)

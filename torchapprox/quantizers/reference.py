@@ -2,17 +2,22 @@
 
 These functions are what the custom ops in ``ops.py`` compute on every device; on the CPU
 a C++ kernel (``csrc/minmax_cpu.cpp``) computes the same values faster, and the tests hold
-the two to equality. Formulas (the symmetric min/max quantizer of the seed, extended):
+the two to equality. Formulas (the symmetric min/max quantizer of the seed, extended), in
+the form of ONNX's QuantizeLinear/DequantizeLinear, so that an integer runtime computes the
+exported model's values to the last bit:
 
 - grid bounds: signed ``[-(2^(b-1)-1), 2^(b-1)-1]`` (narrow: 4 bits is [-7, 7]), unsigned
   ``[0, 2^b - 1]``; ``auto`` picks the unsigned grid for a tensor (or channel) whose minimum
   is >= 0 and the signed one otherwise.
-- ``scale = int_max / top`` with ``top = max|x|`` (signed) or ``max(max(x), 0)`` (unsigned).
+- ``scale = top / top_level``, the real value of one level (ONNX's ``y_scale``; the seed's
+  ``scale_factor = int_max / max|x|`` is its inverse), with ``top = max|x|`` (signed) or
+  ``max(max(x), 0)`` (unsigned) and ``top_level`` the grid's largest level.
   Special ranges: a NaN or an infinity anywhere in the tensor gives a NaN scale (so every
-  value comes out NaN and the divergence checks fire); ``top == 0`` (an all-zero tensor), or
-  a range so small that ``int_max / top`` overflows the dtype (below about 1e-36 in
-  float32), gives scale 1, so the values round to 0.
-- ``x_fake = clamp(round(x * scale), qmin, qmax) / scale``, rounding half to even.
+  value comes out NaN and the divergence checks fire); ``top == 0`` (an all-zero tensor)
+  gives scale 1, so the values round to 0; a scale below the dtype's smallest normal number
+  (max|x| below about 1.5e-36 in float32 at 8 bits) is raised to it: such a tiny tensor is
+  quantized coarsely, but finitely.
+- ``x_fake = clamp(round(x / scale), qmin, qmax) * scale``, rounding half to even.
 
 Half types (float16, bfloat16) are computed in float32 and the result cast back once:
 float16 tops out at 65504 and bfloat16 has 8 mantissa bits, too few for large grids.
@@ -59,7 +64,7 @@ def scale_shape(x: torch.Tensor, axes: list[int]) -> list[int]:
 
 
 def minmax_scale(x: torch.Tensor, bitwidth: int, grid: str, axes: list[int]) -> torch.Tensor:
-    """The scale factor of ``x`` (one per slice along ``axes``), in the compute dtype."""
+    """The scale (step) of ``x``'s own range (one per slice along ``axes``), in the compute dtype."""
     dtype = compute_dtype(x.dtype)
     if x.numel() == 0:
         return torch.ones(scale_shape(x, axes), dtype=dtype, device=x.device)
@@ -82,18 +87,17 @@ def minmax_scale(x: torch.Tensor, bitwidth: int, grid: str, axes: list[int]) -> 
 
 
 def scale_from_range(top: torch.Tensor, top_level: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
-    """``top_level / top``, or 1 where ``top`` is 0 or the quotient overflows, NaN where
-    ``nonfinite``. A true division, as the C++ kernel divides (``int / tensor`` would
-    multiply by the reciprocal, off by an ulp at times)."""
-    scale = top_level.div(top)
-    scale = torch.where(torch.logical_and(top > 0, torch.isfinite(scale)), scale, 1.0)
+    """``top / top_level``, at least the dtype's smallest normal number; 1 where ``top`` is
+    0, NaN where ``nonfinite``. A true division, as the C++ kernel and ONNX divide."""
+    scale = top.div(top_level).clamp_min(torch.finfo(top.dtype).tiny)
+    scale = torch.where(top > 0, scale, 1.0)
     return torch.where(nonfinite, float("nan"), scale)
 
 
 def round_to_grid(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
-    """``clamp(round(x * scale), qmin, qmax) / scale`` in the scale's dtype, returned in x's."""
+    """``clamp(round(x / scale), qmin, qmax) * scale`` in the scale's dtype, returned in x's."""
     compute = x.to(scale.dtype)
-    return torch.clamp(torch.round(compute * scale), qmin, qmax).div_(scale).to(x.dtype)
+    return torch.clamp(torch.round(compute / scale), qmin, qmax).mul_(scale).to(x.dtype)
 
 
 def fake_quantize(x: torch.Tensor, bitwidth: int, grid: str, axes: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,5 +112,5 @@ def straight_through_mask(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax:
     """Where the gradient passes: the rounded value lies inside the grid (not clipped).
 
     The rule of ``torch.fake_quantize_per_tensor_affine``'s gradient."""
-    rounded = torch.round(x.to(scale.dtype) * scale)
+    rounded = torch.round(x.to(scale.dtype) / scale)
     return torch.logical_and(rounded >= qmin, rounded <= qmax)

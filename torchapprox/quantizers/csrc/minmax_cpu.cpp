@@ -7,12 +7,12 @@
 // clamp(rint(x * scale), qmin, qmax) / scale a second, in one dispatch.
 //
 // The arithmetic is that of reference.py, in the same order and precision, so both give
-// identical values (tests/test_cpu_kernels.py checks this):
+// identical values (tests/test_cpu_kernels.py checks this), and ONNX's QuantizeLinear and
+// DequantizeLinear give them too:
 //   range: low = min(x), high = max(x), over the whole tensor;
-//   scale = NaN when the tensor holds a NaN or an infinity; else int_max / top when that is
-//   finite and top > 0; else 1 (an all-zero tensor, or a range so small that the scale
-//   would overflow);
-//   x_fake = clamp(rint(x * scale), qmin, qmax) / scale (rint rounds half to even, like
+//   scale (the step between levels) = NaN when the tensor holds a NaN or an infinity; else
+//   max(top / top_level, smallest normal number) when top > 0; else 1 (all zero);
+//   x_fake = clamp(rint(x / scale), qmin, qmax) * scale (rint rounds half to even, like
 //   torch.round; a NaN stays NaN).
 // Fast loops cover dense float32/float64 tensors with one scale. Everything else (half
 // types, per-channel scales, non-dense tensors) runs the same ATen ops the Python
@@ -97,10 +97,10 @@ TA_VECTOR_CLONES void round_to_grid_block(const T* __restrict x, T* __restrict o
                                           T scale, T qmin, T qmax) {
 #pragma omp simd
   for (int64_t i = begin; i < end; ++i) {
-    T r = std::rint(x[i] * scale);
+    T r = std::rint(x[i] / scale);
     r = r < qmin ? qmin : r;  // comparisons with NaN are false: a NaN passes through
     r = r > qmax ? qmax : r;
-    out[i] = r / scale;
+    out[i] = r * scale;
   }
 }
 
@@ -132,6 +132,10 @@ void check_grid(const at::Tensor& x, int64_t bitwidth, const std::string& grid, 
 
 // ------------------------------------------------------------------ the reference, in ATen
 // The same ATen ops, in the same order, as reference.py.
+double tiny_of(at::ScalarType type) {
+  return type == at::kDouble ? std::numeric_limits<double>::min() : double(std::numeric_limits<float>::min());
+}
+
 std::tuple<double, double> grid_bounds(int64_t bitwidth, const std::string& grid) {
   const double signed_max = std::ldexp(1.0, bitwidth - 1) - 1, unsigned_max = std::ldexp(1.0, bitwidth) - 1;
   if (grid == "signed") return {-signed_max, signed_max};
@@ -163,14 +167,14 @@ at::Tensor reference_scale(const at::Tensor& x, int64_t bitwidth, const std::str
     int_max = at::full_like(top, signed_max);
     if (grid == "auto") int_max = at::where(low >= 0, at::full_like(top, unsigned_max), int_max);
   }
-  at::Tensor scale = int_max.div_(top);
-  scale = at::where(at::logical_and(top > 0, at::isfinite(scale)), scale, 1.0);
+  at::Tensor scale = top.div(int_max).clamp_min(tiny_of(top.scalar_type()));
+  scale = at::where(top > 0, scale, 1.0);
   return at::where(nonfinite, std::numeric_limits<double>::quiet_NaN(), scale);
 }
 
 at::Tensor reference_round(const at::Tensor& x, const at::Tensor& scale, double qmin, double qmax) {
   const at::Tensor compute = x.to(scale.scalar_type());
-  return at::clamp(at::round(compute * scale), qmin, qmax).div_(scale).to(x.scalar_type());
+  return at::clamp(at::round(compute / scale), qmin, qmax).mul_(scale).to(x.scalar_type());
 }
 
 // ------------------------------------------------------------------------- the fast loops
@@ -187,8 +191,9 @@ T scale_of_range(const Range<T>& range, int64_t bitwidth, const std::string& gri
     top = std::max(-range.low, range.high);
     int_max = grid == "auto" && range.low >= 0 ? unsigned_max : signed_max;
   }
-  const T scale = static_cast<T>(int_max) / top;
-  return top > 0 && std::isfinite(scale) ? scale : T(1);
+  if (!(top > 0)) return T(1);
+  const T scale = top / static_cast<T>(int_max);
+  return scale < std::numeric_limits<T>::min() ? std::numeric_limits<T>::min() : scale;
 }
 
 at::Tensor fast_scale(const at::Tensor& x, int64_t bitwidth, const std::string& grid) {
@@ -268,7 +273,7 @@ using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
 at::Tensor passing(const at::Tensor& x, const at::Tensor& scale, double qmin, double qmax) {
-  const at::Tensor rounded = at::round(x.to(scale.scalar_type()) * scale);
+  const at::Tensor rounded = at::round(x.to(scale.scalar_type()) / scale);
   return at::logical_and(rounded >= qmin, rounded <= qmax);
 }
 

@@ -1,0 +1,183 @@
+"""Export a finished run to ONNX in QDQ form and check it in ONNX Runtime.
+
+    python -m experiments.export outputs/<run>                # dynamic input scales
+    python -m experiments.export outputs/<run> --static       # constant (calibrated) input scales
+    python -m experiments.export outputs/<run> --latency      # also time float vs QDQ in ONNX Runtime
+
+Loads the run's final checkpoint (checkpoints/last.ckpt, the end of its last epoch) with
+the bitwidth it trained at, writes RUN_DIR/model.onnx, runs it in ONNX Runtime on the run's
+test split and prints its accuracy beside PyTorch's and metrics.json's, and the file sizes
+of the float and the QDQ model. With ``--static`` the input ranges come from the checkpoint
+when the run calibrated them (``callbacks.qat.calibrate_batches``), else from the run's
+training split, calibrated here. A bad run dir, or a checkpoint without quantization state,
+stops with one line and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from hydra.utils import instantiate
+from omegaconf import OmegaConf
+
+import torchapprox as ta
+from experiments.console import quiet_third_party
+from torchapprox.calibration import calibrate
+from torchapprox.export import export_onnx
+from torchapprox.export.onnx import strip_debug_info
+
+STATE_KEY = "QuantizationAwareTraining"
+
+
+class ExportError(Exception):
+    """A run dir or checkpoint this command cannot export (one line, exit 2)."""
+
+
+def load_run(run_dir: Path):
+    """(model attached at the final bitwidth and ranges, data module, config, checkpoint path)."""
+    import experiments.train  # noqa: F401 - registers the resolvers the saved config uses
+
+    config_path, checkpoint_path = run_dir / ".hydra" / "config.yaml", run_dir / "checkpoints" / "last.ckpt"
+    if not run_dir.is_dir():
+        raise ExportError(f"{run_dir} is not a directory")
+    if not config_path.is_file():
+        raise ExportError(f"{run_dir} is not a run dir of experiments.train: no .hydra/config.yaml")
+    if not checkpoint_path.is_file():
+        raise ExportError(f"{run_dir} has no final checkpoint (checkpoints/last.ckpt): did the run finish an epoch?")
+    cfg = OmegaConf.load(config_path)
+    try:
+        checkpoint = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
+    except Exception as error:  # noqa: BLE001 - any unreadable file is the same answer
+        raise ExportError(f"{checkpoint_path} is not a readable checkpoint ({type(error).__name__})") from None
+    state = checkpoint.get("callbacks", {}).get(STATE_KEY)
+    if state is None or not cfg.get("callbacks") or not cfg.callbacks.get("qat"):
+        raise ExportError(f"{checkpoint_path} holds no quantization state: the run trained in float "
+                          "(without callbacks.qat), there is nothing quantized to export")
+    model = instantiate(cfg.model, _convert_="all")
+    model.load_state_dict(checkpoint["state_dict"], strict=True)
+    qat = instantiate(cfg.callbacks.qat, _convert_="all")
+    qat.verbose = False
+    qat.attach(model)
+    qat.load_state_dict(state)
+    ta.set_bitwidth(model, qat.bitwidth)
+    model.eval()
+    datamodule = instantiate(cfg.data, _convert_="all")
+    datamodule.setup("test")
+    return model, datamodule, qat, checkpoint_path
+
+
+def onnx_accuracy(path: Path, loader) -> tuple[float, np.ndarray]:
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+    predictions, labels = [], []
+    for x, y in loader:
+        predictions.append(session.run(None, {name: x.numpy()})[0].argmax(axis=1))
+        labels.append(y.numpy())
+    predictions, labels = np.concatenate(predictions), np.concatenate(labels)
+    return float((predictions == labels).mean()), predictions
+
+
+@torch.no_grad()
+def torch_predictions(model, loader) -> np.ndarray:
+    return np.concatenate([model(x).argmax(dim=1).numpy() for x, _ in loader])
+
+
+def export_float(model, example: torch.Tensor, path: Path) -> Path:
+    import copy
+
+    float_model = copy.deepcopy(model)
+    ta.detach(float_model)
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(float_model.eval(), (example,), str(path), dynamo=True, opset_version=21,
+                          dynamic_shapes=({0: torch.export.Dim("batch")},), external_data=False, verbose=False)
+    strip_debug_info(path)
+    return path
+
+
+def latency(paths: dict[str, Path], example: np.ndarray, rounds: int = 200) -> dict[str, float]:
+    """Median milliseconds per run of each model on ``example``, the models interleaved."""
+    import onnxruntime as ort
+
+    sessions = {name: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for name, p in paths.items()}
+    feeds = {name: {s.get_inputs()[0].name: example} for name, s in sessions.items()}
+    for name, session in sessions.items():
+        for _ in range(10):
+            session.run(None, feeds[name])
+    samples = {name: [] for name in sessions}
+    names = list(sessions)
+    for index in range(rounds):
+        for name in names[index % len(names):] + names[:index % len(names)]:
+            start = time.perf_counter()
+            sessions[name].run(None, feeds[name])
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="a run dir of experiments.train (outputs/<time>)")
+    parser.add_argument("--static", action="store_true", help="constant input scales (calibrated ranges)")
+    parser.add_argument("--latency", action="store_true", help="time float, dynamic and static QDQ models")
+    args = parser.parse_args(argv)
+    quiet_third_party()
+    try:
+        model, datamodule, qat, checkpoint_path = load_run(args.run_dir)
+    except ExportError as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
+    test_loader = datamodule.test_dataloader()
+    example = next(iter(test_loader))[0]
+    frozen = [q for q in ta.quantizer_state(model) if q.endswith("static_range")]
+    if args.static and not frozen:
+        ranges = calibrate(model, datamodule.train_dataloader())
+        print(f"calibrated {len(ranges)} input ranges on the training split")
+    elif not args.static:
+        for quantizer in model.modules():
+            if isinstance(quantizer, ta.MinMaxQuant) and quantizer.static_range is not None:
+                quantizer.freeze_range(None)  # dynamic scales asked for
+    torch_accuracy = float((torch_predictions(model, test_loader) == np.concatenate(
+        [y.numpy() for _, y in test_loader])).mean())
+    path = export_onnx(model, example, args.run_dir / "model.onnx")
+    accuracy, _ = onnx_accuracy(path, test_loader)
+    metrics_path = args.run_dir / "metrics.json"
+    recorded = json.loads(metrics_path.read_text()).get("test/acc") if metrics_path.is_file() else None
+    scales = "static (calibrated)" if args.static else "dynamic (from each tensor's range)"
+    print(f"wrote {path}: QDQ, {qat.bitwidth} bits, {scales} input scales (from {checkpoint_path.name}, "
+          f"epoch {qat.epoch})")
+    print(f"test accuracy: ONNX Runtime {accuracy:.4f}, PyTorch {torch_accuracy:.4f}, metrics.json "
+          f"{recorded if recorded is not None else 'n/a'}")
+    with tempfile.TemporaryDirectory() as scratch:
+        float_path = export_float(model, example, Path(scratch) / "float.onnx")
+        quantized_kb, float_kb = path.stat().st_size / 1024, float_path.stat().st_size / 1024
+        print(f"file size: QDQ {quantized_kb:.1f} KiB, float {float_kb:.1f} KiB ({float_kb / quantized_kb:.2f}x smaller)")
+        if args.latency:
+            other = Path(scratch) / "other.onnx"
+            if args.static:
+                for quantizer in model.modules():
+                    if isinstance(quantizer, ta.MinMaxQuant):
+                        quantizer.freeze_range(None)
+                paths = {"QDQ static": path, "QDQ dynamic": export_onnx(model, example, other)}
+            else:
+                calibrate(model, datamodule.train_dataloader())
+                paths = {"QDQ dynamic": path, "QDQ static": export_onnx(model, example, other)}
+            paths["float"] = float_path
+            times = latency(paths, example.numpy())
+            print(f"ONNX Runtime latency, batch {len(example)}, median of interleaved runs: "
+                  + ", ".join(f"{name} {ms:.3f} ms ({ms / times['float']:.2f}x float)" for name, ms in times.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
