@@ -108,6 +108,47 @@ def make_training_step(variant: str, batch: int, seed: int = 0) -> Callable[[], 
     return step
 
 
+def make_lm_step(variant: str, batch: int = 32, context: int = 64, seed: int = 0,
+                 attach_options: dict | None = None) -> Callable[[], None]:
+    """One AdamW step of the byte-level Transformer of ``model=char_transformer`` on a fixed
+    batch: fp32, or QAT with ``attach_options`` (the LM recipe's, by default)."""
+    from experiments.lm import CharTransformer
+
+    torch.manual_seed(seed)
+    model = CharTransformer(context=context)
+    if variant != "fp32":
+        ta.attach(model, **(attach_options or LM_RECIPE))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    x = torch.randint(0, 256, (batch, context))
+    y = torch.randint(0, 256, (batch, context))
+    counter = {"step": 0}
+
+    def step() -> None:
+        logging_step = variant != "fp32" and counter["step"] % STATISTICS_INTERVAL == 0
+        if logging_step:
+            ta.enable_statistics(model, True)
+        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if logging_step:
+            ta.enable_statistics(model, False)
+        counter["step"] += 1
+
+    return step
+
+
+# The attach options of the README's LM recipe (conf/recipe/lm_lowbit.yaml) at 4 bits.
+LM_RECIPE = {"bitwidth": 4, "activation_grid": "auto", "bitwidth_overrides": {"embed": 8, "head": 8, "position": 8}}
+
+
+def bench_lm(rounds: int) -> list[dict]:
+    variants = {"fp32": make_lm_step("fp32"), FP32_AGAIN: make_lm_step("fp32"), "torchapprox (LM recipe)": make_lm_step("qat")}
+    medians = interleaved_medians(variants, rounds, repeats=1)
+    return [{"variant": name, "step_ms": seconds * 1e3, "ratio_to_fp32": seconds / medians["fp32"]}
+            for name, seconds in medians.items()]
+
+
 def interleaved_medians(functions: dict[str, Callable[[], None]], rounds: int, repeats: int) -> dict[str, float]:
     """Median seconds per call; each round runs every function ``repeats`` times, in an order
     rotated from round to round."""
@@ -245,12 +286,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny configuration: checks the benchmark runs")
     parser.add_argument("--out", default="benchmark.json", help="where to write the results as JSON")
+    parser.add_argument("--lm", action="store_true",
+                        help="only the byte-level Transformer of model=char_transformer: QAT step / fp32 step")
     parser.add_argument("--memory-probe", nargs=3, metavar=("VARIANT", "BATCH", "STEPS"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.memory_probe:
         variant, batch, steps = args.memory_probe
         print(_resident_peak_growth(variant, int(batch), int(steps)))
         return {}
+    if args.lm:
+        torch.set_num_threads(1)  # as the LM runs of the README's sweep
+        rows = bench_lm(rounds=20 if args.quick else 200)
+        print(f"\nTraining step, byte-level Transformer (model=char_transformer), batch 32, 1 thread")
+        for row in rows:
+            print(f"{row['variant']:<28} {row['step_ms']:>9.2f} ms {row['ratio_to_fp32']:>7.3f}x")
+        Path(args.out).write_text(json.dumps({"torch": torch.__version__, "lm": rows}, indent=2) + "\n")
+        return {"lm": rows}
 
     if args.quick:
         plan = {"rounds_per_batch": {8: 3}, "rounds": 2, "repeats": 2, "sizes": [4096, 65536],

@@ -117,27 +117,65 @@ class SyntheticDataModule(SplitDataModule):
 
 
 class FileDataModule(SplitDataModule):
-    """Your own data: an .npz file with ``x`` (N, C, H, W) and integer labels ``y`` (N,)."""
+    """Your own data: an .npz file with ``x`` (N, C, H, W) and integer labels ``y`` (N,).
+
+    The file is read and checked when the module is built, before any training: a file
+    that is not an .npz archive, lacks ``x`` or ``y``, holds no samples, NaN or infinite
+    values, labels that are not integers in 0..num_classes-1, or too few samples for the
+    three splits is refused with one line naming ``data.path``.
+    """
 
     def __init__(self, path: str, **kwargs) -> None:
         super().__init__(**kwargs)
         self.path = Path(str(path)).expanduser()
         if not self.path.is_file():  # fail before any training starts
             raise FileNotFoundError(f"`data.path` {str(path)!r} does not exist or is not a file")
+        self._arrays = self._read()
 
-    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
-        with np.load(self.path) as arrays:
+    def _refuse(self, reason: str) -> ValueError:
+        return ValueError(f"`data.path` {str(self.path)!r}: {reason}")
+
+    def _read(self) -> tuple[torch.Tensor, torch.Tensor]:
+        try:
+            loaded = np.load(self.path, allow_pickle=False)
+        except (OSError, ValueError) as error:
+            raise self._refuse(f"not a NumPy .npz file ({str(error).splitlines()[0]})") from None
+        if not isinstance(loaded, np.lib.npyio.NpzFile):
+            raise self._refuse("a single array (.npy), not an .npz archive with arrays `x` and `y` "
+                               "(write one with np.savez(path, x=images, y=labels))")
+        with loaded as arrays:
             missing = {"x", "y"} - set(arrays.files)
             if missing:
-                raise ValueError(f"`data.path` {str(self.path)!r} lacks the arrays {sorted(missing)} (has {arrays.files})")
-            x = torch.as_tensor(arrays["x"], dtype=torch.float32)
-            y = torch.as_tensor(arrays["y"]).long()
+                raise self._refuse(f"lacks the arrays {sorted(missing)} (has {arrays.files})")
+            x, y = arrays["x"], arrays["y"]
+        if x.size == 0 or y.size == 0 or len(x) == 0:
+            raise self._refuse(f"holds no samples (x {x.shape}, y {y.shape})")
+        if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
+            raise self._refuse(f"x must hold real numbers, got dtype {x.dtype}")
+        if not np.isfinite(x).all():
+            raise self._refuse(f"x holds {int((~np.isfinite(x)).sum())} NaN or infinite values")
+        if np.issubdtype(y.dtype, np.floating):
+            if not np.isfinite(y).all() or (y != np.round(y)).any():
+                raise self._refuse("labels y must be integers (class indices), got non-integer values")
+        elif not np.issubdtype(y.dtype, np.integer):
+            raise self._refuse(f"labels y must be integers (class indices), got dtype {y.dtype}")
+        x_t = torch.as_tensor(x, dtype=torch.float32)
+        y_t = torch.as_tensor(y).long()
         expected = (self.in_channels, self.image_size, self.image_size)
-        if x.dim() != 4 or tuple(x.shape[1:]) != expected or len(y) != len(x):
-            raise ValueError(
-                f"`data.path` {str(self.path)!r}: x must be (N, {', '.join(map(str, expected))}) with N labels "
-                f"(from data.in_channels and data.image_size), got x {tuple(x.shape)} and y {tuple(y.shape)}"
+        if x_t.dim() != 4 or tuple(x_t.shape[1:]) != expected or y_t.dim() != 1 or len(y_t) != len(x_t):
+            raise self._refuse(
+                f"x must be (N, {', '.join(map(str, expected))}) with N labels (from data.in_channels and "
+                f"data.image_size), got x {tuple(x_t.shape)} and y {tuple(y_t.shape)}"
             )
-        if y.min() < 0 or y.max() >= self.num_classes:
-            raise ValueError(f"`data.path` labels must lie in 0..{self.num_classes - 1} (data.num_classes)")
-        return x, y
+        if y_t.min() < 0 or y_t.max() >= self.num_classes:
+            raise self._refuse(f"labels must lie in 0..{self.num_classes - 1} (data.num_classes), "
+                               f"got {int(y_t.min())}..{int(y_t.max())}")
+        n = len(y_t)
+        n_val, n_test = round(n * self.val_fraction), round(n * self.test_fraction)
+        if min(n_val, n_test, n - n_val - n_test) < 1:
+            raise self._refuse(f"holds {n} samples: too few for data.val_fraction={self.val_fraction} and "
+                               f"data.test_fraction={self.test_fraction} (every split needs at least one)")
+        return x_t, y_t
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._arrays

@@ -30,8 +30,17 @@ from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
-METRICS = ("val/acc", "val/loss", "test/acc", "test/loss")
-COLUMNS = ("job", "overrides", "status", *METRICS, "bitwidth", "seed", "error")
+KNOWN_METRICS = ("val/acc", "val/bpb", "val/loss", "test/acc", "test/bpb", "test/loss")
+
+
+def metric_columns(rows: list[dict[str, Any]]) -> list[str]:
+    """The metrics the jobs report (accuracy for classifiers, bits per byte for language models)."""
+    present = [m for m in KNOWN_METRICS if any(m in row for row in rows)]
+    return present or ["val/acc", "val/loss", "test/acc", "test/loss"]
+
+
+def columns(rows: list[dict[str, Any]]) -> list[str]:
+    return ["job", "overrides", "status", *metric_columns(rows), "bitwidth", "seed", "error"]
 
 
 _current_sweep_dir: Path | None = None  # the sweep this process runs, for an interrupted sweep
@@ -66,7 +75,6 @@ def summarize(sweep_dir: Path, metric: str = "test/acc") -> list[dict[str, Any]]
         log.warning("no jobs found in %s: nothing to summarise", sweep_dir)
         return None
     write_summary(rows, sweep_dir, metric)
-    log.info("sweep summary: %s", sweep_dir / "summary.md")
     print(f"sweep summary: {sweep_dir / 'summary.md'}", flush=True)
     return rows
 
@@ -151,7 +159,7 @@ def write_summary(rows: list[dict[str, Any]], sweep_dir: Path, metric: str = "te
     import io
 
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=COLUMNS, extrasaction="ignore")
+    writer = csv.DictWriter(table, fieldnames=columns(rows), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     _write_atomically(sweep_dir / "summary.csv", table.getvalue().encode())
@@ -217,10 +225,10 @@ def _pivot(cells: list[dict[str, Any]], metric: str) -> list[str]:
 
 def _markdown(rows: list[dict[str, Any]], cells: list[dict[str, Any]], metric: str) -> str:
     lines = ["# Sweep summary", "", "## Jobs", "",
-             "| job | overrides | status | " + " | ".join(METRICS) + " | bitwidth | error |",
-             "|---|---|---|" + "---:|" * len(METRICS) + "---:|---|"]
+             "| job | overrides | status | " + " | ".join(metric_columns(rows)) + " | bitwidth | error |",
+             "|---|---|---|" + "---:|" * len(metric_columns(rows)) + "---:|---|"]
     for row in rows:
-        values = " | ".join(_format(row.get(m)) for m in METRICS)
+        values = " | ".join(_format(row.get(m)) for m in metric_columns(rows))
         bitwidth = _format(row.get("bitwidth")) if row["status"] == "ok" else ""
         lines.append(f"| {row['job']} | {row['overrides']} | {row['status']} | {values} | {bitwidth} | {row.get('error', '')} |")
     lines += [""] + _pivot(cells, metric) + [f"## {metric}: mean ± std over seeds, per cell", "",

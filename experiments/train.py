@@ -48,6 +48,9 @@ OmegaConf.register_new_resolver("epoch_at", epoch_at, replace=True)
 OmegaConf.register_new_resolver("run_config_subdir", run_dirs.config_subdir, replace=True)
 OmegaConf.register_new_resolver("job_dir_name", run_dirs.job_dir_name, replace=True)
 
+# What Lightning's DDP launcher sets in the launching process (lightning.fabric ...
+# subprocess_script.py); a later DDP job in the same sweep process must start without it.
+DDP_ENVIRONMENT = ("MASTER_ADDR", "MASTER_PORT", "NODE_RANK", "LOCAL_RANK", "WORLD_SIZE")
 TOP_LEVEL_KEYS = ("data", "model", "schedule", "trainer", "logger", "callbacks", "seed", "bits", "threads", "ckpt_path")
 CONFIG_ERRORS = (ValueError, TypeError, KeyError, FileNotFoundError, FileExistsError, InstantiationException,
                  OmegaConfBaseException)
@@ -69,6 +72,10 @@ class Interrupted(BaseException):
 
 class RunDirUnavailable(Exception):
     """The run dir holds a finished run, or another run is using it."""
+
+
+class Diverged(RuntimeError):
+    """A final metric is not finite: the run failed (metrics.json never holds a NaN)."""
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -103,6 +110,10 @@ def main(cfg: DictConfig) -> float | None:
         if isinstance(error, (*CONFIG_ERRORS, RunDirUnavailable)):
             print(f"Error: {message}", file=sys.stderr)
             sys.exit(2)
+        if isinstance(error, Diverged):
+            write_json(output_dir / FAILURE_FILE, {"status": "failed", "error": message})
+            print(f"Error: {message}", file=sys.stderr)
+            sys.exit(1)
         raise
     return metrics.get("test/acc")
 
@@ -124,11 +135,22 @@ def run(cfg: DictConfig, output_dir: Path, in_sweep: bool = False) -> dict[str, 
                                     "choose another hydra.run.dir")
         (output_dir / INTERRUPTED_FILE).unlink(missing_ok=True)  # this attempt replaces an interrupted one
     threads = torch.get_num_threads()
+    environment = {key: os.environ.get(key) for key in DDP_ENVIRONMENT}
     torch.set_num_threads(cfg.threads)  # the results depend on it: pinned, and recorded
     try:
         return _train(cfg, output_dir, in_sweep)
     finally:
         torch.set_num_threads(threads)  # run() may be called in a process that goes on
+        if primary and torch.distributed.is_available() and torch.distributed.is_initialized():
+            # A sweep's next DDP job starts its own group, and its own other ranks: this job's
+            # group and the variables Lightning's launcher set for it must not outlive it.
+            torch.distributed.destroy_process_group()
+        if primary:
+            for key, value in environment.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
 
 def _train(cfg: DictConfig, output_dir: Path, in_sweep: bool) -> dict[str, Any]:
@@ -169,8 +191,8 @@ def _train(cfg: DictConfig, output_dir: Path, in_sweep: bool) -> dict[str, Any]:
     }
     diverged = [k for k, v in metrics.items() if not math.isfinite(v)]
     if diverged:
-        raise RuntimeError(f"training diverged: {', '.join(f'{k} = {metrics[k]}' for k in diverged)} "
-                           "(lower the learning rate or raise the bitwidth)")
+        raise Diverged(f"training diverged: {', '.join(f'{k} = {metrics[k]}' for k in diverged)} "
+                       "(lower the learning rate or raise the bitwidth)")
     print(f"metrics: {json.dumps(result)}", flush=True)  # printed first: a failed write loses nothing
     write_json(output_dir / METRICS_FILE, result)
     log_hyperparameters(trainer, cfg, result)
