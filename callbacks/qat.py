@@ -100,6 +100,8 @@ class QuantizationAwareTraining(Callback):
             QDQ graph do. 0 (default): dynamic scales throughout. The ranges are kept in this
             callback's checkpoint state. With no known last epoch (``max_epochs=-1``) the
             calibration runs when training ends, after the last checkpoint.
+        per_token_inputs: one scale per token (row of the last dimension) of each input
+            instead of one per tensor (see :func:`torchapprox.attach`).
         strict_schedule: when the run is too short for the schedule to reach its final
             bits (16 -> 4 over 20 epochs in a 10-epoch run), stop before training with an
             error (True; the app's setting) or warn and train anyway (False, the default:
@@ -140,6 +142,7 @@ class QuantizationAwareTraining(Callback):
         eval_range: str = "batch",
         calibrate_batches: int = 0,
         strict_schedule: bool = False,
+        per_token_inputs: bool = False,
     ) -> None:
         self.schedule = as_schedule(schedule)
         self.quantize_weights = check_bool(quantize_weights, "quantize_weights")
@@ -175,6 +178,7 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"`calibrate_batches` must be an int >= 0 (0: off), got {calibrate_batches!r}")
         self.calibrate_batches = int(calibrate_batches)
         self.strict_schedule = check_bool(strict_schedule, "strict_schedule")
+        self.per_token_inputs = check_bool(per_token_inputs, "per_token_inputs")
         # The epoch (or step, with interval="step") whose bitwidth the model runs at: saved in
         # checkpoints (a plain int), so that test(ckpt_path=...) evaluates at the bitwidth
         # the checkpoint was trained at.
@@ -227,6 +231,7 @@ class QuantizationAwareTraining(Callback):
             per_channel_weights=self.per_channel_weights,
             range_gradient=self.range_gradient,
             eval_range=self.eval_range,
+            per_token_inputs=self.per_token_inputs,
         )
         if not self.quantized_layers:
             excluded = f" (exclude={list(self.exclude)})" if self.exclude else ""

@@ -139,7 +139,9 @@ def make_lm_step(variant: str, batch: int = 32, context: int = 64, seed: int = 0
 
 
 # The attach options of the README's LM recipe (conf/recipe/lm_lowbit.yaml) at 4 bits.
-LM_RECIPE = {"bitwidth": 4, "activation_grid": "auto", "bitwidth_overrides": {"embed": 8, "head": 8, "position": 8}}
+# The same options as conf/recipe/lm_lowbit.yaml at 4 bits (the bare net: no "net." prefix).
+LM_RECIPE = {"bitwidth": 4, "activation_grid": "auto", "bitwidth_overrides": {"embed": 8, "head": 8, "position": 8},
+             "per_channel_weights": True, "per_token_inputs": True, "range_gradient": True}
 
 
 def bench_lm(rounds: int) -> list[dict]:

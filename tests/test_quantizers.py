@@ -287,3 +287,15 @@ def test_running_eval_range_averages_training_ranges_and_clips_in_eval():
         MinMaxQuant(4, eval_range="ema")
     with pytest.raises(ValueError, match=r"`momentum` must be a number in \(0, 1\], got 0"):
         MinMaxQuant(4, eval_range="running", momentum=0)
+
+
+def test_per_token_scales_are_one_per_row_of_the_last_dimension():
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 8) * torch.linspace(0.1, 10, 5).reshape(1, 5, 1)  # rows of very different ranges
+    q = MinMaxQuant(4, axis="token")
+    y = q(x)
+    rows = torch.stack([torch.stack([MinMaxQuant(4)(x[b, t]) for t in range(5)]) for b in range(2)])
+    assert torch.equal(y, rows)
+    assert q.scale_factor.shape == (10,)
+    with pytest.raises(TypeError, match="`axis` must be None \\(per tensor\\), an int dimension or 'token'"):
+        MinMaxQuant(4, axis="row")

@@ -58,6 +58,7 @@ def attach(
     per_channel_weights: bool = False,
     range_gradient: bool | str = False,
     eval_range: str = "batch",
+    per_token_inputs: bool = False,
 ) -> list[str]:
     """Put ``MinMaxQuant`` quantizers on the weights and inputs of ``model``'s layers.
 
@@ -91,6 +92,9 @@ def attach(
             default: each tensor's own, as in training) or ``"running"`` (an exponential
             moving average, momentum 0.1, of the ranges seen in training mode; it lives
             outside the state dict).
+        per_token_inputs: one scale per row of each input's last dimension (each token of a
+            ``(batch, sequence, features)`` input) instead of one per tensor: what outliers in
+            a few tokens cost the others. Such inputs cannot be exported to ONNX QDQ.
 
     Returns:
         The qualified names (as ``model.named_modules()`` spells them) of the quantized
@@ -118,6 +122,7 @@ def attach(
         raise ValueError(f"`activation_grid` must be one of {', '.join(GRIDS)}, got {activation_grid!r}")
     recompute_inputs = check_bool(recompute_inputs, "recompute_inputs")
     per_channel_weights = check_bool(per_channel_weights, "per_channel_weights")
+    per_token_inputs = check_bool(per_token_inputs, "per_token_inputs")
     range_gradient = check_range_gradient(range_gradient)
     if eval_range not in EVAL_RANGES:
         raise ValueError(f"`eval_range` must be one of {', '.join(EVAL_RANGES)}, got {eval_range!r}")
@@ -143,7 +148,8 @@ def attach(
             quantizer.role = "weight"
             layer.add_module(f"{weight_name}_quantizer", quantizer)
         for input_name in spec.inputs if activations else ():
-            quantizer = _quantizer(layer_bits, pinned is not None, grid=activation_grid, eval_range=eval_range)
+            quantizer = _quantizer(layer_bits, pinned is not None, grid=activation_grid, eval_range=eval_range,
+                                   axis="token" if per_token_inputs else None)
             quantizer.recompute_in_backward = recompute_inputs
             quantizer.range_gradient = range_gradient in (True, "inputs")
             quantizer.role = "input"

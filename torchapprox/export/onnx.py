@@ -59,6 +59,10 @@ class _ExportedInput(ApproxQuantizer):
 
     def __init__(self, quantizer: MinMaxQuant, where: str) -> None:
         super().__init__(quantizer.bitwidth)
+        if quantizer.axis is not None:
+            raise ValueError(f"{where}: an input quantized with one scale per {quantizer.axis} cannot be exported to "
+                             "ONNX QDQ (QuantizeLinear takes one scale per tensor or per channel of a constant); "
+                             "attach with per_token_inputs=False to export")
         value_range = quantizer.stored_range()
         self.grid = quantizer.grid
         self.static = value_range is not None

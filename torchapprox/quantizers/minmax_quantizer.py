@@ -72,7 +72,8 @@ class MinMaxQuant(ApproxQuantizer):
             one scale per slice along ``k`` (per-channel), equal to
             ``torch.fake_quantize_per_channel_affine`` with zero point 0 and range
             [-int_max, int_max] up to rounding ties. ``scale_factor`` then has the size of
-            dimension ``k``.
+            dimension ``k``. ``"token"``: one scale per row of the last dimension (per token of
+            a ``(batch, sequence, features)`` input: dynamic per-token quantization).
         range_gradient: False (the seed's quantizer): the range ``max|x|`` is treated as a
             constant in backward, the gradient is the straight-through estimator alone.
             True: the gradient also flows through the range to the tensor's extreme
@@ -143,10 +144,10 @@ class MinMaxQuant(ApproxQuantizer):
         self.register_buffer("static_range", None, persistent=False)
         if grid not in GRIDS:
             raise ValueError(f"`grid` must be one of {', '.join(GRIDS)}, got {grid!r}")
-        if axis is not None and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
-            raise TypeError(f"`axis` must be None (per tensor) or an int dimension, got {axis!r}")
+        if axis is not None and axis != "token" and (isinstance(axis, bool) or not isinstance(axis, numbers.Integral)):
+            raise TypeError(f"`axis` must be None (per tensor), an int dimension or 'token', got {axis!r}")
         self.grid = grid
-        self.axis = None if axis is None else int(axis)
+        self.axis = axis if axis is None or axis == "token" else int(axis)
         self._scale: torch.Tensor | None = None
 
     @property
@@ -174,6 +175,8 @@ class MinMaxQuant(ApproxQuantizer):
     def _axes(self, x: torch.Tensor) -> list[int]:
         if self.axis is None:
             return []
+        if self.axis == "token":  # one scale per row of the last dimension: per token, per pixel
+            return list(range(x.dim() - 1))
         if not -x.dim() <= self.axis < x.dim():
             raise ValueError(f"`axis` {self.axis} is out of range for a tensor of {x.dim()} dimensions {tuple(x.shape)}")
         return [self.axis % x.dim()]
