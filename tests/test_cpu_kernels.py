@@ -82,6 +82,51 @@ def test_per_channel_and_strided_inputs_equal_the_reference(axis):
     assert fake.is_contiguous(memory_format=torch.channels_last)  # a dense layout is kept
 
 
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal up to the order of one sum (the kernel sums the range term in double), NaN
+    where the other has NaN."""
+    tolerance = 1e-5 if a.dtype == torch.float32 else 1e-12
+    return a.dtype == b.dtype and a.shape == b.shape and torch.allclose(a, b, rtol=tolerance, atol=tolerance,
+                                                                        equal_nan=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, axes", [
+    ((1,), []), ((9,), []), ((100003,), []),        # one scale: lanes, tails
+    ((32, 16, 64), [0, 1]),                         # per token
+    ((16, 3, 3, 3), [0]),                           # per output channel
+    ((7, 5), [1]), ((4, 6, 8), [0, 2]),             # not leading: the ATen reference runs
+])
+def test_range_gradient_kernel_equals_the_reference(dtype, shape, axes):
+    generator = torch.Generator().manual_seed(len(shape))
+    for make in (torch.randn, torch.rand):
+        x = make(shape, generator=generator, dtype=dtype)
+        integers = torch.randint(-3, 4, shape, generator=generator).to(dtype)  # many ties at the extreme
+        grad = torch.randn(shape, generator=generator, dtype=dtype)
+        for tensor in (x, integers, x.transpose(0, -1) if len(shape) > 1 else x):
+            upstream = grad.reshape(tensor.shape) if tensor.is_contiguous() else grad.transpose(0, -1)
+            for bitwidth in (2, 3, 8):
+                for grid in ("signed", "unsigned", "auto"):
+                    _, scale = OPS.fake_quantize(tensor, bitwidth, grid, axes)
+                    got = OPS.range_gradient_backward(upstream, tensor, scale, bitwidth, grid, axes)
+                    expected = reference.range_gradient_backward(upstream, tensor, scale, bitwidth, grid, axes)
+                    assert _close(got, expected), (bitwidth, grid, (got - expected).abs().max())
+
+
+@pytest.mark.parametrize("values", [
+    [0.0, 0.0, 0.0], [1.0, float("nan"), -2.0], [1.0, float("inf"), -2.0], [1e-40, -3e-39, 0.0],
+    [-0.0, 0.0, 5.0], [2.5, 0.5, -1.5, 3.5], [-3.0, 3.0, 1.0],
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.float16])
+def test_range_gradient_kernel_special_values_equal_the_reference(values, dtype):
+    x = torch.tensor(values, dtype=dtype)
+    grad = torch.linspace(-1, 1, len(values), dtype=dtype)
+    for bitwidth, grid in ((8, "signed"), (3, "auto"), (4, "unsigned")):
+        _, scale = OPS.fake_quantize(x, bitwidth, grid, [])
+        got = OPS.range_gradient_backward(grad, x, scale, bitwidth, grid, [])
+        assert _close(got, reference.range_gradient_backward(grad, x, scale, bitwidth, grid, [])), (values, grid)
+
+
 def test_the_ops_reject_what_they_cannot_take():
     with pytest.raises(RuntimeError, match="expected a floating-point tensor, got Int"):
         OPS.fake_quantize(torch.ones(3, dtype=torch.int32), 8, "signed", [])
@@ -91,6 +136,8 @@ def test_the_ops_reject_what_they_cannot_take():
         OPS.minmax_scale(torch.ones(3), 8, "both", [])
     with pytest.raises(RuntimeError, match="axes must be sorted, distinct dimensions"):
         OPS.fake_quantize(torch.ones(3, 2), 8, "signed", [2])
+    with pytest.raises(RuntimeError, match=r"grad must have x's shape \[3, 2\], got \[3\]"):
+        OPS.range_gradient_backward(torch.ones(3), torch.ones(3, 2), torch.tensor(1.0), 8, "signed", [])
 
 
 def test_without_the_kernels_the_values_are_the_same():

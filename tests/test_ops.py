@@ -40,6 +40,14 @@ def test_opcheck_round_to_grid(args):
     torch.library.opcheck(OPS.round_to_grid.default, (x, scale, *reference.grid_bounds(bitwidth, grid)))
 
 
+@pytest.mark.parametrize("args", _inputs())
+def test_opcheck_range_gradient_backward(args):
+    x, bitwidth, grid, axes = args
+    x = x.detach()
+    scale = OPS.minmax_scale(x, bitwidth, grid, axes)
+    torch.library.opcheck(OPS.range_gradient_backward.default, (torch.randn_like(x), x, scale, bitwidth, grid, axes))
+
+
 @pytest.mark.parametrize("grid", ["signed", "unsigned", "auto"])
 def test_gradient_is_torchs_fake_quantize_gradient(grid):
     """The straight-through rule of torch.fake_quantize_per_tensor_affine: the gradient

@@ -269,6 +269,37 @@ def test_range_gradient_per_channel_goes_to_each_channels_extreme():
     assert torch.equal(changed.nonzero()[:, 1], x.detach().abs().argmax(dim=1))
 
 
+def test_an_axis_that_covers_every_dimension_gives_one_scale_per_element():
+    """amin/amax over an empty list of dimensions reduce them all; the scale must not."""
+    x = torch.tensor([0.3, -2.0, 5.0, 0.0])
+    q = MinMaxQuant(3, axis=0)
+    assert torch.equal(q(x), x)  # each element is its own extreme: exactly representable
+    assert q.scale.tolist() == pytest.approx([0.1, 2 / 3, 5 / 3, 1.0])  # a zero slice gets scale 1
+    batched = torch.func.vmap(q)(torch.stack([x, 2 * x]))
+    assert torch.equal(batched, torch.stack([x, 2 * x]))
+
+
+def test_range_gradient_under_torch_func_and_double_backward_matches_autograd():
+    """A backward that records a graph (torch.func.grad, create_graph=True) runs the
+    differentiable reference; the plain backward runs the op: the same gradient."""
+    torch.manual_seed(0)
+    x = torch.randn(5, 40, dtype=torch.float64)
+    upstream = torch.randn(5, 40, dtype=torch.float64)
+    for axis in (None, 0, "token"):
+        q = MinMaxQuant(3, axis=axis, range_gradient=True)
+        leaf = x.clone().requires_grad_()
+        (plain,) = torch.autograd.grad((q(leaf) * upstream).sum(), leaf)
+        functional = torch.func.grad(lambda t: (q(t) * upstream).sum())(x)
+        assert torch.allclose(plain, functional, atol=1e-12), axis
+        (recorded,) = torch.autograd.grad((q(leaf) * upstream).sum(), leaf, create_graph=True)
+        assert torch.allclose(plain, recorded.detach(), atol=1e-12), axis
+        per_sample = torch.func.vmap(torch.func.grad(lambda t: (q(t) * upstream[0]).sum()))(x)
+        for row in range(5):
+            single = x[row].clone().requires_grad_()
+            (expected,) = torch.autograd.grad((q(single) * upstream[0]).sum(), single)
+            assert torch.allclose(per_sample[row], expected, atol=1e-12), (axis, row)
+
+
 # ------------------------------------------------------------- running ranges in eval
 def test_running_eval_range_averages_training_ranges_and_clips_in_eval():
     q = MinMaxQuant(4, eval_range="running", momentum=0.5)

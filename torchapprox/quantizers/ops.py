@@ -9,6 +9,9 @@ Three ops in the ``torchapprox`` namespace (values: see ``reference.py``):
   ``clamp(round(x * scale), qmin, qmax) / scale`` for a scale that broadcasts against x.
 - ``torchapprox::fake_quantize(Tensor x, int bitwidth, str grid, int[] axes) -> (Tensor, Tensor)``:
   both in one call, ``(x_fake, scale)``.
+- ``torchapprox::range_gradient_backward(Tensor grad, Tensor x, Tensor scale, int bitwidth,
+  str grid, int[] axes) -> Tensor``: the gradient of ``fake_quantize`` with the range left
+  attached (``range_gradient.py``), for backward passes that record no graph of their own.
 
 Each has a fake kernel (shapes only, for ``torch.compile`` and ``torch.export``), an autograd
 formula (the straight-through estimator: the gradient passes where the rounded value is
@@ -72,6 +75,17 @@ def fake_quantize(x: Tensor, bitwidth: int, grid: str, axes: list[int]) -> tuple
     return reference.fake_quantize(x, bitwidth, grid, axes)
 
 
+@torch.library.custom_op("torchapprox::range_gradient_backward", mutates_args=())
+def range_gradient_backward(grad: Tensor, x: Tensor, scale: Tensor, bitwidth: int, grid: str,
+                            axes: list[int]) -> Tensor:
+    check_op_arguments(bitwidth, grid, axes, x.dim())
+    if grad.shape != x.shape:
+        raise ValueError(f"torchapprox ops: grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
+    if _cpu_kernels_take(x):
+        return torch.ops.torchapprox.range_gradient_backward(grad, x, scale, bitwidth, grid, axes)
+    return reference.range_gradient_backward(grad, x, scale, bitwidth, grid, axes)
+
+
 # ------------------------------------------------------------------------------ fake kernels
 def _fake_scale(x: Tensor, axes: list[int]) -> Tensor:
     return x.new_empty(reference.scale_shape(x, axes), dtype=reference.compute_dtype(x.dtype))
@@ -90,6 +104,11 @@ def _(x, scale, qmin, qmax):
 @fake_quantize.register_fake
 def _(x, bitwidth, grid, axes):
     return torch.empty_like(x), _fake_scale(x, axes)
+
+
+@range_gradient_backward.register_fake
+def _(grad, x, scale, bitwidth, grid, axes):
+    return torch.empty_like(x)
 
 
 # --------------------------------------------------------------------------------- autograd

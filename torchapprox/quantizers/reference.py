@@ -69,8 +69,10 @@ def minmax_scale(x: torch.Tensor, bitwidth: int, grid: str, axes: list[int]) -> 
     if x.numel() == 0:
         return torch.ones(scale_shape(x, axes), dtype=dtype, device=x.device)
     if axes:
+        # amin/amax over no dimension would reduce them all: axes that cover every dimension
+        # give one scale per element.
         reduce = [d for d in range(x.dim()) if d not in axes]
-        low, high = torch.amin(x, reduce, keepdim=True), torch.amax(x, reduce, keepdim=True)
+        low, high = (torch.amin(x, reduce, keepdim=True), torch.amax(x, reduce, keepdim=True)) if reduce else (x, x)
     else:
         low, high = torch.aminmax(x)
     low, high = low.to(dtype), high.to(dtype)
@@ -114,3 +116,38 @@ def straight_through_mask(x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax:
     The rule of ``torch.fake_quantize_per_tensor_affine``'s gradient."""
     rounded = torch.round(x.to(scale.dtype) / scale)
     return torch.logical_and(rounded >= qmin, rounded <= qmax)
+
+
+def range_gradient_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, bitwidth: int, grid: str,
+                            axes: list[int]) -> torch.Tensor:
+    """The gradient of ``fake_quantize(x)`` with respect to x with the range ``m`` left
+    attached (formula and source: ``range_gradient.py``): ``grad * passing`` plus, at each
+    slice's extreme element(s), ``sign(x) * sum(grad * (round(u) - u) * passing) / top_level``
+    shared evenly between ties (``u = x / scale``); no range term where the scale is the
+    special one (zero range, NaN, overflow). In x's dtype."""
+    compute = x.to(scale.dtype)
+    grad_c = grad.to(scale.dtype)
+    u = compute / scale
+    rounded = torch.round(u)
+    qmin, qmax = grid_bounds(bitwidth, grid)
+    passing = torch.logical_and(rounded >= qmin, rounded <= qmax)
+    reduce = [d for d in range(x.dim()) if d not in axes]
+
+    def per_slice(tensor, op):  # op over the reduced dimensions, kept as size 1
+        return op(tensor, reduce, keepdim=True) if reduce else tensor
+
+    if grid == "unsigned":
+        magnitude = compute
+        top_level = torch.full_like(scale, unsigned_max(bitwidth))
+    else:
+        magnitude = compute.abs()
+        top_level = torch.full_like(scale, int_max(bitwidth))
+        if grid == "auto":
+            top_level = torch.where(per_slice(compute, torch.amin) >= 0, unsigned_max(bitwidth), top_level)
+    top = per_slice(magnitude, torch.amax)
+    d_range = per_slice(grad_c * (rounded - u) * passing, torch.sum) / top_level
+    d_range = torch.where(torch.logical_and(top > 0, torch.isfinite(top_level / top)), d_range, 0.0)
+    extreme = magnitude == top
+    ties = per_slice(extreme.to(compute.dtype), torch.sum).clamp_min(1)
+    grad_x = grad_c * passing + extreme * torch.sign(compute) * d_range / ties
+    return grad_x.to(x.dtype)

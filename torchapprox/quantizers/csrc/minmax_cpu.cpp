@@ -151,6 +151,9 @@ at::Tensor reference_scale(const at::Tensor& x, int64_t bitwidth, const std::str
   at::Tensor low, high;
   if (axes.empty()) {
     std::tie(low, high) = at::aminmax(x);
+  } else if (reduce.empty()) {  // axes cover every dimension: one scale per element
+    low = x;
+    high = x;
   } else {
     low = at::amin(x, reduce, true);
     high = at::amax(x, reduce, true);
@@ -263,6 +266,149 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, int64_t bi
   }
   at::Tensor scale = reference_scale(x, bitwidth, grid, axes);
   return {reference_round(x, scale, qmin, qmax), scale};
+}
+
+
+// ------------------------------------------------------ the gradient through the range
+// reference.range_gradient_backward in ATen (every case the loop below does not take).
+at::Tensor reference_range_gradient(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+                                    int64_t bitwidth, const std::string& grid, at::IntArrayRef axes) {
+  const double signed_max = std::ldexp(1.0, bitwidth - 1) - 1, unsigned_max = std::ldexp(1.0, bitwidth) - 1;
+  const auto [qmin, qmax] = grid_bounds(bitwidth, grid);
+  const at::Tensor compute = x.to(scale.scalar_type()), grad_c = grad.to(scale.scalar_type());
+  const at::Tensor u = compute / scale;
+  const at::Tensor rounded = at::round(u);
+  const at::Tensor passing = at::logical_and(rounded >= qmin, rounded <= qmax);
+  std::vector<int64_t> reduce;
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (std::find(axes.begin(), axes.end(), d) == axes.end()) reduce.push_back(d);
+  auto per_slice = [&](const at::Tensor& t, at::Tensor (*op)(const at::Tensor&, at::IntArrayRef, bool)) {
+    return reduce.empty() ? t : op(t, reduce, true);
+  };
+  auto sum = [](const at::Tensor& t, at::IntArrayRef dims, bool keep) { return at::sum(t, dims, keep); };
+  auto amin = [](const at::Tensor& t, at::IntArrayRef dims, bool keep) { return at::amin(t, dims, keep); };
+  auto amax = [](const at::Tensor& t, at::IntArrayRef dims, bool keep) { return at::amax(t, dims, keep); };
+  at::Tensor magnitude, top_level;
+  if (grid == "unsigned") {
+    magnitude = compute;
+    top_level = at::full_like(scale, unsigned_max);
+  } else {
+    magnitude = compute.abs();
+    top_level = at::full_like(scale, signed_max);
+    if (grid == "auto") top_level = at::where(per_slice(compute, amin) >= 0, unsigned_max, top_level);
+  }
+  const at::Tensor top = per_slice(magnitude, amax);
+  at::Tensor d_range = per_slice(grad_c * (rounded - u) * passing, sum) / top_level;
+  d_range = at::where(at::logical_and(top > 0, at::isfinite(top_level / top)), d_range, 0.0);
+  const at::Tensor extreme = magnitude == top;
+  const at::Tensor ties = per_slice(extreme.to(compute.scalar_type()), sum).clamp_min(1);
+  return (grad_c * passing + extreme * at::sign(compute) * d_range / ties).to(x.scalar_type());
+}
+
+// One slice (a row of n contiguous elements with one scale) in two vectorized passes:
+// first the range term's sum (in double: it may differ from the reference's sum in the
+// last bits), the extreme magnitude, its ties and the minimum, in kLanes independent lanes
+// (see range_of_block); then the gradient, with the reference's arithmetic.
+template <typename T>
+TA_VECTOR_CLONES void range_gradient_row(const T* __restrict grad, const T* __restrict x, T* __restrict out, int64_t n,
+                                         T scale, T qmin, T qmax, double signed_max, double unsigned_max,
+                                         int grid) {  // grid: 0 signed, 1 unsigned, 2 auto
+  constexpr int kLanes = 16;
+  const bool plain = grid == 1;  // the unsigned grid's extreme is max(x), the others' max|x|
+  double residual[kLanes];
+  T top[kLanes], low[kLanes];
+  int64_t ties[kLanes];
+  int nan[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    residual[j] = 0;
+    top[j] = -std::numeric_limits<T>::infinity();
+    low[j] = std::numeric_limits<T>::infinity();
+    ties[j] = 0;
+    nan[j] = 0;
+  }
+  auto visit = [&](int j, int64_t i) {
+    const T v = x[i], u = v / scale, r = std::rint(u);
+    const T pass = (r >= qmin && r <= qmax) ? T(1) : T(0);
+    residual[j] += double(grad[i] * (r - u) * pass);  // as the reference: a NaN scale makes it NaN
+    const T magnitude = plain ? v : std::abs(v);
+    ties[j] = magnitude > top[j] ? 1 : ties[j] + (magnitude == top[j] ? 1 : 0);
+    top[j] = magnitude > top[j] ? magnitude : top[j];
+    low[j] = v < low[j] ? v : low[j];
+    nan[j] |= v != v;
+  };
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) visit(j, i + j);
+  }
+  for (int j = 0; i < n; ++i, ++j) visit(j, i);
+  double sum = 0;
+  T extreme_value = -std::numeric_limits<T>::infinity(), minimum = std::numeric_limits<T>::infinity();
+  bool any_nan = false;
+  for (int j = 0; j < kLanes; ++j) {
+    sum += residual[j];
+    extreme_value = std::max(extreme_value, top[j]);
+    minimum = std::min(minimum, low[j]);
+    any_nan = any_nan || nan[j];
+  }
+  int64_t count = 0;
+  for (int j = 0; j < kLanes; ++j) count += top[j] == extreme_value ? ties[j] : 0;
+  if (any_nan) extreme_value = std::numeric_limits<T>::quiet_NaN();  // amax propagates NaN: no extreme
+  const T top_level = static_cast<T>(grid == 1 || (grid == 2 && minimum >= 0 && !any_nan) ? unsigned_max : signed_max);
+  T d_range = static_cast<T>(sum) / top_level;
+  if (!(extreme_value > 0 && std::isfinite(top_level / extreme_value))) d_range = T(0);
+  const T share = static_cast<T>(std::max<int64_t>(count, 1));
+#pragma omp simd
+  for (int64_t k = 0; k < n; ++k) {
+    const T v = x[k], r = std::rint(v / scale);
+    const T pass = (r >= qmin && r <= qmax) ? T(1) : T(0);
+    const T magnitude = plain ? v : std::abs(v);
+    const T extreme = magnitude == extreme_value ? T(1) : T(0);
+    const T sign = v > 0 ? T(1) : (v < 0 ? T(-1) : T(0));
+    out[k] = grad[k] * pass + extreme * sign * d_range / share;
+  }
+}
+
+// The loop takes dense float32/float64 tensors whose scales are one per tensor or one per
+// index of leading dimensions (per-tensor, per-channel on dimension 0, per-token): each
+// slice is then a contiguous row.
+bool leading_axes(at::IntArrayRef axes) {
+  for (size_t i = 0; i < axes.size(); ++i)
+    if (axes[i] != int64_t(i)) return false;
+  return true;
+}
+
+at::Tensor range_gradient_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
+                                   int64_t bitwidth, c10::string_view grid_view, at::IntArrayRef axes) {
+  check_input(x, "range_gradient_backward");
+  const std::string grid(grid_view);
+  check_grid(x, bitwidth, grid, axes, "range_gradient_backward");
+  TORCH_CHECK(grad.sizes() == x.sizes(), "torchapprox::range_gradient_backward: grad must have x's shape ", x.sizes(),
+              ", got ", grad.sizes());
+  const bool loop = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
+                    grad.scalar_type() == x.scalar_type() && scale.scalar_type() == x.scalar_type() &&
+                    x.is_contiguous() && grad.is_contiguous() && scale.is_contiguous() && scale.device().is_cpu() &&
+                    leading_axes(axes) && x.numel() > 0;
+  int64_t rows = 1;
+  for (int64_t axis : axes) rows *= x.size(axis);
+  if (!loop || scale.numel() != rows) return reference_range_gradient(grad, x, scale, bitwidth, grid, axes);
+  const double signed_max = std::ldexp(1.0, bitwidth - 1) - 1, unsigned_max = std::ldexp(1.0, bitwidth) - 1;
+  const auto [qmin, qmax] = grid_bounds(bitwidth, grid);
+  const int grid_code = grid == "signed" ? 0 : (grid == "unsigned" ? 1 : 2);
+  const int64_t n = x.numel() / rows;
+  at::Tensor out = at::empty_like(x);
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "range_gradient_backward", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* v = x.const_data_ptr<scalar_t>();
+    const scalar_t* s = scale.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / n), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        range_gradient_row(g + row * n, v + row * n, o + row * n, n, s[row], static_cast<scalar_t>(qmin),
+                           static_cast<scalar_t>(qmax), signed_max, unsigned_max, grid_code);
+    });
+  });
+  return out;
 }
 
 // ------------------------------------------------------------------------------ autograd
@@ -384,6 +530,7 @@ TORCH_LIBRARY_IMPL(torchapprox, CPU, m) {
   m.impl("minmax_scale", &minmax_scale);
   m.impl("round_to_grid", &round_to_grid);
   m.impl("fake_quantize", &fake_quantize);
+  m.impl("range_gradient_backward", &range_gradient_backward);
 }
 
 TORCH_LIBRARY_IMPL(torchapprox, AutogradCPU, m) {
