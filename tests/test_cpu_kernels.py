@@ -82,6 +82,30 @@ def test_per_channel_and_strided_inputs_equal_the_reference(axis):
     assert fake.is_contiguous(memory_format=torch.channels_last)  # a dense layout is kept
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("shape, axes", [
+    ((16, 3, 3, 3), [0]), ((8, 40000), [0]), ((3, 100003), [0]),  # per output channel: rows around the grain
+    ((32, 16, 64), [0, 1]), ((2, 3, 1), [0, 1]), ((5, 7), [0]),   # per token
+])
+def test_per_row_kernels_equal_the_reference(dtype, shape, axes):
+    """Contiguous tensors with a scale per index of the leading dimensions take the row loops."""
+    generator = torch.Generator().manual_seed(sum(shape))
+    x = torch.randn(shape, generator=generator, dtype=dtype) * 3
+    x.view(-1, shape[-1])[1] = 0.0  # an all-zero row: scale 1
+    for bitwidth in (2, 4, 8, 16):
+        for grid, tensor in (("signed", x), ("auto", x), ("auto", x.abs()), ("unsigned", x)):
+            x_fake, scale = OPS.fake_quantize(tensor, bitwidth, grid, axes)
+            ref_fake, ref_scale = reference.fake_quantize(tensor, bitwidth, grid, axes)
+            assert _same(scale, ref_scale) and _same(x_fake, ref_fake), (bitwidth, grid)
+            assert _same(OPS.minmax_scale(tensor, bitwidth, grid, axes), ref_scale)
+    for special in (float("nan"), float("inf")):  # one non-finite value: every scale NaN, as the reference
+        y = x.clone()
+        y.view(-1)[-1] = special
+        x_fake, scale = OPS.fake_quantize(y, 4, "signed", axes)
+        ref_fake, ref_scale = reference.fake_quantize(y, 4, "signed", axes)
+        assert _same(scale, ref_scale) and _same(x_fake, ref_fake) and bool(scale.isnan().all())
+
+
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Equal up to the order of one sum (the kernel sums the range term in double), NaN
     where the other has NaN."""

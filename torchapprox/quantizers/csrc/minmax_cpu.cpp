@@ -14,8 +14,9 @@
 //   max(top / top_level, smallest normal number) when top > 0; else 1 (all zero);
 //   x_fake = clamp(rint(x / scale), qmin, qmax) * scale (rint rounds half to even, like
 //   torch.round; a NaN stays NaN).
-// Fast loops cover dense float32/float64 tensors with one scale. Everything else (half
-// types, per-channel scales, non-dense tensors) runs the same ATen ops the Python
+// Fast loops cover dense float32/float64 tensors with one scale, and contiguous ones with a
+// scale per index of leading dimensions (per-channel on dimension 0, per-token). Everything
+// else (half types, other axes, non-dense tensors) runs the same ATen ops the Python
 // reference runs, so every case still takes the values of the reference.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -229,6 +230,79 @@ bool one_scale_for(const at::Tensor& x, const at::Tensor& scale) {
   return scale.dim() == 0 && scale.scalar_type() == x.scalar_type() && scale.device().is_cpu();
 }
 
+// Scales one per index of the leading dimensions (per-channel on dimension 0, per-token:
+// every dimension but the last) of a contiguous tensor: each slice is a contiguous row.
+bool leading_axes(at::IntArrayRef axes) {
+  for (size_t i = 0; i < axes.size(); ++i)
+    if (axes[i] != int64_t(i)) return false;
+  return true;
+}
+
+bool fast_rows(const at::Tensor& x, at::IntArrayRef axes) {
+  return !axes.empty() && int64_t(axes.size()) < x.dim() && leading_axes(axes) && fast(x) && x.is_contiguous();
+}
+
+// A short row's range: one min/max reduction the compiler vectorizes, no lanes to set up.
+template <typename T>
+TA_VECTOR_CLONES Range<T> range_of_row(const T* __restrict data, int64_t n) {
+  T low = std::numeric_limits<T>::infinity(), high = -std::numeric_limits<T>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(min : low) reduction(max : high) reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = data[i];
+    low = v < low ? v : low;
+    high = v > high ? v : high;
+    nan |= v != v;
+  }
+  return {low, high, nan != 0};
+}
+
+at::Tensor fast_scale_rows(const at::Tensor& x, int64_t bitwidth, const std::string& grid, at::IntArrayRef axes) {
+  std::vector<int64_t> shape(x.dim(), 1);
+  int64_t rows = 1;
+  for (int64_t axis : axes) rows *= (shape[axis] = x.size(axis));
+  at::Tensor scale = at::empty(shape, x.options());
+  const int64_t n = x.numel() / rows;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "minmax_scale", [&] {
+    const scalar_t* data = x.const_data_ptr<scalar_t>();
+    scalar_t* out = scale.mutable_data_ptr<scalar_t>();
+    std::vector<char> nonfinite(rows, 0);
+    // Per row, scale_of_range's arithmetic with the grid decided once per call.
+    const double signed_max = std::ldexp(1.0, bitwidth - 1) - 1, unsigned_max = std::ldexp(1.0, bitwidth) - 1;
+    const bool is_unsigned = grid == "unsigned", is_auto = grid == "auto";
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / n), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const Range<scalar_t> range = n >= 256 ? range_of_block(data + row * n, 0, n) : range_of_row(data + row * n, n);
+        nonfinite[row] = range.nan || std::isinf(range.low) || std::isinf(range.high);
+        const scalar_t top = is_unsigned ? std::max(range.high, scalar_t(0)) : std::max(-range.low, range.high);
+        const double top_level = is_unsigned || (is_auto && range.low >= 0) ? unsigned_max : signed_max;
+        const scalar_t step = top / static_cast<scalar_t>(top_level);
+        out[row] = !(top > 0) ? scalar_t(1) : std::max(step, std::numeric_limits<scalar_t>::min());
+      }
+    });
+    // As the reference: a NaN or an infinity anywhere makes every scale NaN.
+    if (std::find(nonfinite.begin(), nonfinite.end(), 1) != nonfinite.end())
+      std::fill(out, out + rows, std::numeric_limits<scalar_t>::quiet_NaN());
+  });
+  return scale;
+}
+
+at::Tensor fast_round_rows(const at::Tensor& x, const at::Tensor& scale, double qmin, double qmax) {
+  at::Tensor out = at::empty_like(x);
+  const int64_t rows = scale.numel(), n = x.numel() / rows;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "round_to_grid", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    const scalar_t* scales = scale.const_data_ptr<scalar_t>();
+    scalar_t* dst = out.mutable_data_ptr<scalar_t>();
+    const scalar_t low = static_cast<scalar_t>(qmin), high = static_cast<scalar_t>(qmax);
+    at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / n), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row)
+        round_to_grid_block(src + row * n, dst + row * n, 0, n, scales[row], low, high);
+    });
+  });
+  return out;
+}
+
 // ----------------------------------------------------------------------------- the ops
 at::Tensor empty_scale(const at::Tensor& x, at::IntArrayRef axes) {
   std::vector<int64_t> shape;
@@ -244,6 +318,7 @@ at::Tensor minmax_scale(const at::Tensor& x, int64_t bitwidth, c10::string_view 
   check_grid(x, bitwidth, grid, axes, "minmax_scale");
   if (x.numel() == 0) return empty_scale(x, axes);
   if (axes.empty() && fast(x)) return fast_scale(x, bitwidth, grid);
+  if (fast_rows(x, axes)) return fast_scale_rows(x, bitwidth, grid, axes);
   return reference_scale(x, bitwidth, grid, axes);
 }
 
@@ -263,6 +338,10 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, int64_t bi
   if (axes.empty() && fast(x)) {
     at::Tensor scale = fast_scale(x, bitwidth, grid);
     return {fast_round(x, scale, qmin, qmax), scale};
+  }
+  if (fast_rows(x, axes)) {
+    at::Tensor scale = fast_scale_rows(x, bitwidth, grid, axes);
+    return {fast_round_rows(x, scale, qmin, qmax), scale};
   }
   at::Tensor scale = reference_scale(x, bitwidth, grid, axes);
   return {reference_round(x, scale, qmin, qmax), scale};
@@ -305,77 +384,45 @@ at::Tensor reference_range_gradient(const at::Tensor& grad, const at::Tensor& x,
   return (grad_c * passing + extreme * at::sign(compute) * d_range / ties).to(x.scalar_type());
 }
 
-// One slice (a row of n contiguous elements with one scale) in two vectorized passes:
-// first the range term's sum (in double: it may differ from the reference's sum in the
-// last bits), the extreme magnitude, its ties and the minimum, in kLanes independent lanes
-// (see range_of_block); then the gradient, with the reference's arithmetic.
+// One slice (a row of n contiguous elements with one scale) in three vectorized passes:
+// the range term's sum (in double: it may differ from the reference's sum in the last
+// bits), the extreme magnitude and the minimum; the extreme's ties; then the gradient, with
+// the reference's arithmetic.
 template <typename T>
 TA_VECTOR_CLONES void range_gradient_row(const T* __restrict grad, const T* __restrict x, T* __restrict out, int64_t n,
                                          T scale, T qmin, T qmax, double signed_max, double unsigned_max,
                                          int grid) {  // grid: 0 signed, 1 unsigned, 2 auto
-  constexpr int kLanes = 16;
   const bool plain = grid == 1;  // the unsigned grid's extreme is max(x), the others' max|x|
-  double residual[kLanes];
-  T top[kLanes], low[kLanes];
-  int64_t ties[kLanes];
-  int nan[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    residual[j] = 0;
-    top[j] = -std::numeric_limits<T>::infinity();
-    low[j] = std::numeric_limits<T>::infinity();
-    ties[j] = 0;
-    nan[j] = 0;
-  }
-  auto visit = [&](int j, int64_t i) {
+  double residual = 0;
+  T top = -std::numeric_limits<T>::infinity(), low = std::numeric_limits<T>::infinity();
+  int nan = 0;
+#pragma omp simd reduction(+ : residual) reduction(max : top) reduction(min : low) reduction(| : nan)
+  for (int64_t i = 0; i < n; ++i) {
     const T v = x[i], u = v / scale, r = std::rint(u);
     const T pass = (r >= qmin && r <= qmax) ? T(1) : T(0);
-    residual[j] += double(grad[i] * (r - u) * pass);  // as the reference: a NaN scale makes it NaN
+    residual += double(grad[i] * (r - u) * pass);  // as the reference: a NaN scale makes it NaN
     const T magnitude = plain ? v : std::abs(v);
-    ties[j] = magnitude > top[j] ? 1 : ties[j] + (magnitude == top[j] ? 1 : 0);
-    top[j] = magnitude > top[j] ? magnitude : top[j];
-    low[j] = v < low[j] ? v : low[j];
-    nan[j] |= v != v;
-  };
-  int64_t i = 0;
-  for (; i + kLanes <= n; i += kLanes) {
-#pragma omp simd
-    for (int j = 0; j < kLanes; ++j) visit(j, i + j);
+    top = magnitude > top ? magnitude : top;
+    low = v < low ? v : low;
+    nan |= v != v;
   }
-  for (int j = 0; i < n; ++i, ++j) visit(j, i);
-  double sum = 0;
-  T extreme_value = -std::numeric_limits<T>::infinity(), minimum = std::numeric_limits<T>::infinity();
-  bool any_nan = false;
-  for (int j = 0; j < kLanes; ++j) {
-    sum += residual[j];
-    extreme_value = std::max(extreme_value, top[j]);
-    minimum = std::min(minimum, low[j]);
-    any_nan = any_nan || nan[j];
-  }
-  int64_t count = 0;
-  for (int j = 0; j < kLanes; ++j) count += top[j] == extreme_value ? ties[j] : 0;
-  if (any_nan) extreme_value = std::numeric_limits<T>::quiet_NaN();  // amax propagates NaN: no extreme
-  const T top_level = static_cast<T>(grid == 1 || (grid == 2 && minimum >= 0 && !any_nan) ? unsigned_max : signed_max);
-  T d_range = static_cast<T>(sum) / top_level;
-  if (!(extreme_value > 0 && std::isfinite(top_level / extreme_value))) d_range = T(0);
-  const T share = static_cast<T>(std::max<int64_t>(count, 1));
+  if (nan) top = std::numeric_limits<T>::quiet_NaN();  // amax propagates NaN: no extreme element
+  int64_t ties = 0;
+#pragma omp simd reduction(+ : ties)
+  for (int64_t i = 0; i < n; ++i) ties += (plain ? x[i] : std::abs(x[i])) == top ? 1 : 0;
+  const T top_level = static_cast<T>(grid == 1 || (grid == 2 && low >= 0 && !nan) ? unsigned_max : signed_max);
+  T d_range = static_cast<T>(residual) / top_level;
+  if (!(top > 0 && std::isfinite(top_level / top))) d_range = T(0);
+  const T share = static_cast<T>(std::max<int64_t>(ties, 1));
 #pragma omp simd
-  for (int64_t k = 0; k < n; ++k) {
-    const T v = x[k], r = std::rint(v / scale);
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = x[i], r = std::rint(v / scale);
     const T pass = (r >= qmin && r <= qmax) ? T(1) : T(0);
     const T magnitude = plain ? v : std::abs(v);
-    const T extreme = magnitude == extreme_value ? T(1) : T(0);
+    const T extreme = magnitude == top ? T(1) : T(0);
     const T sign = v > 0 ? T(1) : (v < 0 ? T(-1) : T(0));
-    out[k] = grad[k] * pass + extreme * sign * d_range / share;
+    out[i] = grad[i] * pass + extreme * sign * d_range / share;
   }
-}
-
-// The loop takes dense float32/float64 tensors whose scales are one per tensor or one per
-// index of leading dimensions (per-tensor, per-channel on dimension 0, per-token): each
-// slice is then a contiguous row.
-bool leading_axes(at::IntArrayRef axes) {
-  for (size_t i = 0; i < axes.size(); ++i)
-    if (axes[i] != int64_t(i)) return false;
-  return true;
 }
 
 at::Tensor range_gradient_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
