@@ -124,6 +124,61 @@ def test_integer_types_follow_the_bitwidth_and_the_grid(tmp_path):
         assert np.allclose(run_onnx(path, x), model.eval()(x).numpy(), atol=1e-4)
 
 
+class _ConvStack(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 6, 3, padding=1)
+        self.up = nn.ConvTranspose2d(6, 4, 2, stride=2, groups=2)
+        self.head = nn.Linear(4 * 8 * 8, 5)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.up(torch.relu(self.conv(x)))).flatten(1))
+
+
+@pytest.mark.parametrize("options", [{}, {"per_channel_weights": True}, {"activation_grid": "auto"}])
+@pytest.mark.parametrize("make, shape", [
+    (lambda: nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10)), (64,)),
+    (_ConvStack, (2, 4, 4)),
+])
+def test_constant_scales_put_the_bias_on_the_accumulator_grid_as_the_runtime_does(make, shape, options, tmp_path):
+    """With constant input scales ONNX Runtime runs integer kernels that add the bias as
+    int32 at s_input * s_weight; the layers round it alike, so the outputs agree to float
+    rounding in every row (with a float bias 4 seeds in 10 had a row off by a level)."""
+    for seed in range(6):
+        torch.manual_seed(seed)
+        model = make()
+        ta.attach(model, 4, **options)
+        model.eval()
+        ta.calibrate(model, [torch.randn(16, *shape) for _ in range(4)])
+        x = torch.randn(32, *shape)
+        path = ta.export_onnx(model, x[:2], tmp_path / f"m{seed}.onnx")
+        with torch.no_grad():
+            expected = model(x).numpy()
+        actual = run_onnx(path, x)
+        assert np.abs(actual - expected).max() <= 1e-5 * np.abs(expected).max(), seed
+
+
+def test_bias_rounding_follows_the_input_scale_and_passes_the_gradient():
+    torch.manual_seed(0)
+    layer = nn.Linear(8, 3)
+    model = nn.Sequential(layer)
+    ta.attach(model, 4, per_channel_weights=True)
+    x = torch.randn(5, 8)
+    from torchapprox.layers import quantized_bias, quantized_weight_and_scale
+    _, weight_scale = quantized_weight_and_scale(layer)
+    assert quantized_bias(layer, layer.bias, weight_scale) is layer.bias  # dynamic input scale: float bias
+    ta.calibrate(model, [x])
+    bias = quantized_bias(layer, layer.bias, weight_scale)
+    step = (x.abs().max() / 7) * layer.weight.detach().abs().amax(dim=1) / 7  # s_input * s_weight, per channel
+    assert torch.allclose(bias, torch.round(layer.bias.detach() / step) * step, rtol=1e-6)
+    assert not torch.equal(bias, layer.bias)
+    (grad,) = torch.autograd.grad(bias.sum(), layer.bias)
+    assert torch.equal(grad, torch.ones(3))  # straight through
+    with torch.no_grad():  # the layer uses it
+        expected = nn.functional.linear(layer.input_quantizer(x), quantized_weight_and_scale(layer)[0], bias)
+        assert torch.equal(model(x), expected)
+
+
 def test_multihead_attention_model(tmp_path):
     class Encoder(nn.Module):
         def __init__(self):

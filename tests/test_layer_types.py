@@ -58,7 +58,7 @@ def test_per_channel_gives_each_channel_all_its_levels():
 
 
 def test_bad_axis_is_rejected():
-    with pytest.raises(TypeError, match=r"`axis` must be None \(per tensor\) or an int dimension, got 1.5"):
+    with pytest.raises(TypeError, match=r"`axis` must be None \(per tensor\), an int dimension or .token., got 1.5"):
         ta.MinMaxQuant(4, axis=1.5)
     with pytest.raises(ValueError, match=r"`axis` 3 is out of range for a tensor of 2 dimensions"):
         ta.MinMaxQuant(4, axis=3)(torch.randn(2, 3))

@@ -85,6 +85,9 @@ class _ExportedInput(ApproxQuantizer):
             return x_fake, self.step
         return torch.ops.torchapprox.quantize_dequantize(x, self.bitwidth, self.grid), torch.ones(())
 
+    def constant_scale(self) -> Tensor | None:
+        return self.step if self.static else None
+
     def quantize(self, x: Tensor) -> Tensor:
         raise NotImplementedError("an exported input quantizer only fake-quantizes")
 

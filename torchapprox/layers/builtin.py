@@ -10,8 +10,9 @@
 | ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` | every weight matrix (0) | input (see ``recurrent``) |
 | transformers' ``Conv1D`` | weight (1: stored ``[in, out]``) | input |
 
-Biases stay in float, as an integer runtime keeps them in 32-bit integers at the scale of
-the product. MultiheadAttention's ``out_proj`` is an ``nn.Linear`` of its own, quantized
+Biases stay in float, except where the input's scale is a constant (calibrated or running
+ranges): then an integer runtime adds them as int32 at the scale of the product of the input
+and weight steps, and so do these layers (``functional.quantized_bias``). MultiheadAttention's ``out_proj`` is an ``nn.Linear`` of its own, quantized
 (or excluded) as one.
 """
 
@@ -22,21 +23,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import multihead_attention_forward
-from .functional import quantized_conv, quantized_linear, quantized_weight
+from .functional import quantized_bias, quantized_conv, quantized_linear, quantized_weight, quantized_weight_and_scale
 from .recurrent import recurrent_forward, recurrent_weights
 from .registry import register_layer
 
 
 @register_layer(nn.Linear, weights={"weight": 0})
 def linear_forward(layer: nn.Linear, input: Tensor) -> Tensor:
-    return quantized_linear(layer, input, quantized_weight(layer), layer.bias)
+    weight, weight_scale = quantized_weight_and_scale(layer)
+    return quantized_linear(layer, input, weight, quantized_bias(layer, layer.bias, weight_scale))
 
 
 @register_layer("transformers.pytorch_utils.Conv1D", weights={"weight": 1})
 def transformers_conv1d_forward(layer: nn.Module, x: Tensor) -> Tensor:
     # transformers' Conv1D (GPT-2 and relatives) stores its weight [in, out] and computes
     # x @ weight + bias: a linear layer with the transposed weight.
-    return quantized_linear(layer, x, quantized_weight(layer).t(), layer.bias)
+    weight, weight_scale = quantized_weight_and_scale(layer)
+    return quantized_linear(layer, x, weight.t(), quantized_bias(layer, layer.bias, weight_scale))
 
 
 def _input_and_padding(layer: nn.Module, input: Tensor) -> tuple[Tensor, list[int]]:
@@ -62,8 +65,9 @@ def conv_forward(layer: nn.Module, input: Tensor) -> Tensor:
     # Padding copies values (or adds zeros), which changes neither max|x| nor the grid a
     # tensor picks, so quantizing the padded input equals padding the quantized one.
     input, padding = _input_and_padding(layer, input)
-    return quantized_conv(layer, input, quantized_weight(layer), layer.bias, layer.stride, padding, layer.dilation,
-                          layer.groups)
+    weight, weight_scale = quantized_weight_and_scale(layer)
+    return quantized_conv(layer, input, weight, quantized_bias(layer, layer.bias, weight_scale), layer.stride, padding,
+                          layer.dilation, layer.groups)
 
 
 def conv_transpose_forward(layer: nn.Module, input: Tensor, output_size: list[int] | None = None) -> Tensor:
@@ -74,8 +78,9 @@ def conv_transpose_forward(layer: nn.Module, input: Tensor, output_size: list[in
     # computes it, and this method reads the layer without changing it.
     output_padding = layer._output_padding(input, output_size, layer.stride, layer.padding, layer.kernel_size, dims,
                                            layer.dilation)
-    return quantized_conv(layer, input, quantized_weight(layer), layer.bias, layer.stride, layer.padding,
-                          layer.dilation, layer.groups, transposed=True, output_padding=output_padding)
+    weight, weight_scale = quantized_weight_and_scale(layer)
+    return quantized_conv(layer, input, weight, quantized_bias(layer, layer.bias, weight_scale), layer.stride,
+                          layer.padding, layer.dilation, layer.groups, transposed=True, output_padding=output_padding)
 
 
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):

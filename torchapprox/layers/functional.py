@@ -49,6 +49,50 @@ def quantized_weight(layer: nn.Module, name: str = "weight") -> Tensor:
     return quantize_with(quantizer_of(layer, name), getattr(layer, name))
 
 
+def quantized_weight_and_scale(layer: nn.Module, name: str = "weight") -> tuple[Tensor, Tensor | None]:
+    """:func:`quantized_weight` and the step it was quantized with (None without a quantizer)."""
+    quantizer, weight = quantizer_of(layer, name), getattr(layer, name)
+    if quantizer is None:
+        return weight, None
+    weight_fake, scale = quantizer.fake_quantize_with_scale(weight)
+    _record(quantizer, weight, weight_fake, scale)
+    return weight_fake, scale
+
+
+# An integer runtime adds the bias to the int32 accumulator of input x weight levels.
+BIAS_BOUNDS = (-(2**31 - 1), 2**31 - 1)
+
+
+def quantized_bias(layer: nn.Module, bias: Tensor | None, weight_scale: Tensor | None, name: str = "input"
+                   ) -> Tensor | None:
+    """The bias on the grid of the accumulator when the input's scale is a constant.
+
+    An integer runtime computes a quantized linear or convolution layer as an int32 sum of
+    input levels times weight levels plus the bias quantized to int32 at the product of
+    the two steps: ``round(bias / (s_input * s_weight))`` (ONNX's QLinearConv and
+    QGemm/MatMulInteger paths; ONNX Runtime rewrites a QDQ graph with constant input
+    scales into them). So when the input's scale is a constant (a calibrated or running
+    range), the bias is put on that grid here too, with the straight-through gradient,
+    and the exported model computes the trained numbers. With scales taken from each
+    tensor the runtime cannot precompute the bias's scale, keeps it in float, and so
+    does this function. ``weight_scale``: the weight's step, one or one per output channel.
+    """
+    quantizer = quantizer_of(layer, name)
+    if bias is None or weight_scale is None or quantizer is None:
+        return bias
+    input_scale = quantizer.constant_scale()
+    if input_scale is None:
+        return bias
+    weight_scale = weight_scale.reshape(-1)
+    if 1 < weight_scale.numel() < bias.numel():  # grouped transposed convolutions repeat their channels
+        weight_scale = weight_scale.repeat(bias.numel() // weight_scale.numel())
+    step = (input_scale.to(weight_scale.dtype) * weight_scale).to(reference.compute_dtype(bias.dtype))
+    if differentiable(bias) and not torch.jit.is_tracing() and not torch.compiler.is_exporting():
+        return apply(RoundToGrid, bias, step, *BIAS_BOUNDS)
+    # No gradient to pass (an exported graph: plain ops on constants, folded by the runtime).
+    return reference.round_to_grid(bias, step, *BIAS_BOUNDS)
+
+
 def quantized_input(layer: nn.Module, x: Tensor, name: str = "input") -> Tensor:
     """The float input ``x`` fake-quantized by the layer's ``<name>_quantizer``."""
     return quantize_with(quantizer_of(layer, name), x)

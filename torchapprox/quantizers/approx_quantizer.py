@@ -115,6 +115,11 @@ class ApproxQuantizer(nn.Module, ABC):
         (``1 / scale_factor``), leaving the quantizer unchanged where it can."""
         return self.fake_quantize(x), 1.0 / self.scale_factor
 
+    def constant_scale(self) -> torch.Tensor | None:
+        """The step this quantizer uses whatever the tensor (a calibrated or running range
+        in its current mode), or None when each tensor's own range decides it."""
+        return None
+
     def fused_kernel_args(self) -> tuple[int, str] | None:
         """``(bitwidth, grid)`` when this quantizer computes exactly
         ``torchapprox::fake_quantize(x, bitwidth, grid, [])`` (a scale from x's own range,

@@ -198,6 +198,10 @@ class MinMaxQuant(ApproxQuantizer):
             return self.running_range
         return None
 
+    def constant_scale(self) -> torch.Tensor | None:
+        stored = self.stored_range()
+        return None if stored is None else range_scale(stored, self.bitwidth, self.grid)[0]
+
     def freeze_range(self, value_range: torch.Tensor | None) -> None:
         """Use the fixed range ``[low, high]`` from now on (None: each tensor's own again).
 
