@@ -92,14 +92,14 @@ def test_a_few_training_steps_lower_the_loss_and_bpb_is_loss_over_ln2():
 def test_the_app_trains_the_language_model_and_reports_bits_per_byte(tmp_path):
     run_dir = tmp_path / "run"
     result = subprocess.run(
-        [sys.executable, "-m", "experiments.train", "data=stdlib_text", "model=char_transformer", "trainer.max_epochs=2",
-         "data.max_bytes=200000", "data.windows_per_epoch=256", "+recipe=lm_lowbit", "bits=4",
-         "callbacks.checkpoint.monitor=val/bpb", "callbacks.checkpoint.mode=min", "~callbacks.progress_bar",
+        [sys.executable, "-m", "experiments.train", "+experiment=lm", "trainer.max_epochs=2",
+         "data.max_bytes=200000", "data.windows_per_epoch=256", "+recipe=lm_lowbit", "bits=4", "~callbacks.progress_bar",
          "+trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}"],
         cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert result.returncode == 0, result.stderr[-3000:]
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 < metrics["val/bpb"] < 8 and 0 < metrics["test/bpb"] < 8 and metrics["bitwidth"] == 4
+    assert list((run_dir / "checkpoints").glob("epoch01.ckpt"))  # the best epoch by val/bpb (lower is better)
 
 
 def test_the_summary_shows_bits_per_byte_as_they_are():
