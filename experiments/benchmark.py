@@ -138,14 +138,17 @@ def make_lm_step(variant: str, batch: int = 32, context: int = 64, seed: int = 0
     return step
 
 
-# The attach options of the README's LM recipe (conf/recipe/lm_lowbit.yaml) at 4 bits.
 # The same options as conf/recipe/lm_lowbit.yaml at 4 bits (the bare net: no "net." prefix).
 LM_RECIPE = {"bitwidth": 4, "activation_grid": "auto", "bitwidth_overrides": {"embed": 8, "head": 8, "position": 8},
              "per_channel_weights": True, "per_token_inputs": True, "range_gradient": True}
 
 
 def bench_lm(rounds: int) -> list[dict]:
-    variants = {"fp32": make_lm_step("fp32"), FP32_AGAIN: make_lm_step("fp32"), "torchapprox (LM recipe)": make_lm_step("qat")}
+    # The recipe, and what its options cost: the plain quantizer, then without the range gradient.
+    variants = {"fp32": make_lm_step("fp32"), FP32_AGAIN: make_lm_step("fp32"),
+                "torchapprox (LM recipe)": make_lm_step("qat"),
+                "  without range gradient": make_lm_step("qat", attach_options={**LM_RECIPE, "range_gradient": False}),
+                "torchapprox (4 bits, per tensor)": make_lm_step("qat", attach_options={"bitwidth": 4})}
     medians = interleaved_medians(variants, rounds, repeats=1)
     return [{"variant": name, "step_ms": seconds * 1e3, "ratio_to_fp32": seconds / medians["fp32"]}
             for name, seconds in medians.items()]

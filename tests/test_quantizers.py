@@ -269,6 +269,12 @@ def test_range_gradient_per_channel_goes_to_each_channels_extreme():
     assert torch.equal(changed.nonzero()[:, 1], x.detach().abs().argmax(dim=1))
 
 
+@pytest.mark.parametrize("bad", [[1.0, -1.0], [float("nan"), 1.0], [0.0, float("inf")], [1.0]])
+def test_a_frozen_range_must_be_finite_and_ordered(bad):
+    with pytest.raises(ValueError, match=r"`value_range` must hold two finite floats \[low, high\] with low <= high"):
+        MinMaxQuant(4).freeze_range(torch.tensor(bad))
+
+
 def test_an_axis_that_covers_every_dimension_gives_one_scale_per_element():
     """amin/amax over an empty list of dimensions reduce them all; the scale must not."""
     x = torch.tensor([0.3, -2.0, 5.0, 0.0])
@@ -277,6 +283,42 @@ def test_an_axis_that_covers_every_dimension_gives_one_scale_per_element():
     assert q.scale.tolist() == pytest.approx([0.1, 2 / 3, 5 / 3, 1.0])  # a zero slice gets scale 1
     batched = torch.func.vmap(q)(torch.stack([x, 2 * x]))
     assert torch.equal(batched, torch.stack([x, 2 * x]))
+
+
+@pytest.mark.parametrize("shape, axis", [((0,), None), ((2, 0), 0), ((0, 3), "token")])
+def test_range_gradient_of_an_empty_tensor_is_empty(shape, axis):
+    x = torch.empty(shape, requires_grad=True)
+    MinMaxQuant(8, axis=axis, range_gradient=True)(x).sum().backward()
+    assert x.grad.shape == x.shape
+
+
+def test_no_range_term_where_the_step_was_raised_to_the_smallest_normal_number():
+    """max|x| / 127 below float32's smallest normal: the step is clamped, a constant; only
+    the straight-through gradient is left (autograd through clamp_min gives the same)."""
+    x = torch.tensor([1e-36, 0.37e-36], requires_grad=True)
+    MinMaxQuant(8, range_gradient=True)(x).backward(torch.ones(2))
+    assert x.grad.tolist() == [1.0, 1.0]
+
+
+def test_range_gradient_double_backward_equals_the_plain_composition():
+    """A gradient penalty through the quantizer: the second derivative of the straight-
+    through composition with the range attached (``x_fake = round_ste(x / s) * s``,
+    ``s = max|x| / 7``), where only the upstream gradient depends on x."""
+    def composition(x):
+        step = x.abs().amax() / 7
+        u = x / step
+        return (u + (torch.round(u) - u).detach()) * step
+
+    torch.manual_seed(0)
+    x = torch.randn(20, dtype=torch.float64)
+    results = []
+    for f in (MinMaxQuant(4, range_gradient=True), composition):
+        leaf = x.clone().requires_grad_()
+        (first,) = torch.autograd.grad(f(leaf).pow(2).sum(), leaf, create_graph=True)
+        (second,) = torch.autograd.grad(first.pow(2).sum(), leaf)
+        results.append((first.detach(), second))
+    assert torch.allclose(results[0][0], results[1][0], atol=1e-12)
+    assert torch.allclose(results[0][1], results[1][1], atol=1e-10)
 
 
 def test_range_gradient_under_torch_func_and_double_backward_matches_autograd():
@@ -293,6 +335,7 @@ def test_range_gradient_under_torch_func_and_double_backward_matches_autograd():
         assert torch.allclose(plain, functional, atol=1e-12), axis
         (recorded,) = torch.autograd.grad((q(leaf) * upstream).sum(), leaf, create_graph=True)
         assert torch.allclose(plain, recorded.detach(), atol=1e-12), axis
+        assert not recorded.requires_grad  # piecewise linear in x: no second derivative through x
         per_sample = torch.func.vmap(torch.func.grad(lambda t: (q(t) * upstream[0]).sum()))(x)
         for row in range(5):
             single = x[row].clone().requires_grad_()

@@ -197,8 +197,9 @@ def export_onnx(
         ``path``.
 
     Raises:
-        ValueError: a model without quantizers, or a grid ONNX's integer types cannot hold
-            (more than 16 bits; the "auto" grid at 16 bits).
+        ValueError: a model without quantizers, a grid ONNX's integer types cannot hold
+            (more than 16 bits; the "auto" grid at 16 bits), per-token input scales, or
+            float64 parameters or inputs.
         TypeError: a quantizer other than ``MinMaxQuant``.
         ImportError: ``onnx`` or ``onnxscript`` is not installed.
     """
@@ -207,6 +208,7 @@ def export_onnx(
     except ImportError as error:
         raise ImportError(f"export_onnx needs onnx and onnxscript: pip install 'torchapprox[onnx]' ({error})") from None
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
+    _check_float_types(model, inputs)
     exported = prepare_for_export(model)
     dynamic_shapes = None
     if dynamic_batch:
@@ -228,6 +230,14 @@ def export_onnx(
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def _check_float_types(model: nn.Module, inputs: tuple) -> None:
+    """ONNX's QuantizeLinear takes float32, float16 and bfloat16 only: refuse float64."""
+    for name, tensor in [*(("example_inputs", t) for t in inputs), *model.named_parameters()]:
+        if isinstance(tensor, Tensor) and tensor.dtype == torch.float64:
+            raise ValueError(f"{name} is float64: ONNX's QuantizeLinear takes float32, float16 or bfloat16; "
+                             "export model.float() with float32 inputs")
 
 
 def strip_debug_info(path: str | Path) -> None:

@@ -212,8 +212,10 @@ class MinMaxQuant(ApproxQuantizer):
         if self.axis is not None:
             raise ValueError("a frozen range is one per tensor: the quantizer must have `axis=None`")
         value_range = torch.as_tensor(value_range).detach().reshape(-1)
-        if value_range.numel() != 2 or not value_range.is_floating_point():
-            raise ValueError(f"`value_range` must hold two floats [low, high], got {value_range.tolist()}")
+        if value_range.numel() != 2 or not value_range.is_floating_point() or \
+                not bool(torch.isfinite(value_range).all()) or bool(value_range[0] > value_range[1]):
+            raise ValueError(f"`value_range` must hold two finite floats [low, high] with low <= high, "
+                             f"got {value_range.tolist()}")
         self.static_range = value_range.clone()
 
     def compute_scale(self, x: torch.Tensor) -> torch.Tensor:

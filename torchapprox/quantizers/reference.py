@@ -123,8 +123,15 @@ def range_gradient_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Te
     """The gradient of ``fake_quantize(x)`` with respect to x with the range ``m`` left
     attached (formula and source: ``range_gradient.py``): ``grad * passing`` plus, at each
     slice's extreme element(s), ``sign(x) * sum(grad * (round(u) - u) * passing) / top_level``
-    shared evenly between ties (``u = x / scale``); no range term where the scale is the
-    special one (zero range, NaN, overflow). In x's dtype."""
+    shared evenly between ties (``u = x / scale``); no range term where the scale is not
+    ``top / top_level`` (zero range, NaN or infinity, a step raised to the dtype's smallest
+    normal number). In x's dtype.
+
+    Linear in ``grad``; x enters through piecewise-constant terms only (detached), so a
+    second derivative through it is 0, as for the straight-through composition."""
+    if x.numel() == 0:
+        return torch.zeros_like(x)
+    x = x.detach()
     compute = x.to(scale.dtype)
     grad_c = grad.to(scale.dtype)
     u = compute / scale
@@ -146,7 +153,7 @@ def range_gradient_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Te
             top_level = torch.where(per_slice(compute, torch.amin) >= 0, unsigned_max(bitwidth), top_level)
     top = per_slice(magnitude, torch.amax)
     d_range = per_slice(grad_c * (rounded - u) * passing, torch.sum) / top_level
-    d_range = torch.where(torch.logical_and(top > 0, torch.isfinite(top_level / top)), d_range, 0.0)
+    d_range = torch.where(top / top_level == scale, d_range, 0.0)  # the scale is the plain division
     extreme = magnitude == top
     ties = per_slice(extreme.to(compute.dtype), torch.sum).clamp_min(1)
     grad_x = grad_c * passing + extreme * torch.sign(compute) * d_range / ties

@@ -238,8 +238,17 @@ bool leading_axes(at::IntArrayRef axes) {
   return true;
 }
 
+// `result` (contiguous) in the layout of `x`, as the ops' fake kernels (empty_like) promise.
+at::Tensor in_layout_of(const at::Tensor& x, const at::Tensor& result) {
+  return x.is_contiguous() ? result : at::empty_like(x).copy_(result);
+}
+
+// Any layout qualifies: the row loops run on a contiguous copy of a strided input (a
+// transposed (seq, batch, features) attention input, say), which costs one copy, far less
+// than the reference's dozen ATen ops. The values do not depend on the layout.
 bool fast_rows(const at::Tensor& x, at::IntArrayRef axes) {
-  return !axes.empty() && int64_t(axes.size()) < x.dim() && leading_axes(axes) && fast(x) && x.is_contiguous();
+  return !axes.empty() && int64_t(axes.size()) < x.dim() && leading_axes(axes) &&
+         (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble);
 }
 
 // A short row's range: one min/max reduction the compiler vectorizes, no lanes to set up.
@@ -318,7 +327,7 @@ at::Tensor minmax_scale(const at::Tensor& x, int64_t bitwidth, c10::string_view 
   check_grid(x, bitwidth, grid, axes, "minmax_scale");
   if (x.numel() == 0) return empty_scale(x, axes);
   if (axes.empty() && fast(x)) return fast_scale(x, bitwidth, grid);
-  if (fast_rows(x, axes)) return fast_scale_rows(x, bitwidth, grid, axes);
+  if (fast_rows(x, axes)) return fast_scale_rows(x.contiguous(), bitwidth, grid, axes);
   return reference_scale(x, bitwidth, grid, axes);
 }
 
@@ -340,8 +349,9 @@ std::tuple<at::Tensor, at::Tensor> fake_quantize(const at::Tensor& x, int64_t bi
     return {fast_round(x, scale, qmin, qmax), scale};
   }
   if (fast_rows(x, axes)) {
-    at::Tensor scale = fast_scale_rows(x, bitwidth, grid, axes);
-    return {fast_round_rows(x, scale, qmin, qmax), scale};
+    const at::Tensor rows = x.contiguous();
+    at::Tensor scale = fast_scale_rows(rows, bitwidth, grid, axes);
+    return {in_layout_of(x, fast_round_rows(rows, scale, qmin, qmax)), scale};
   }
   at::Tensor scale = reference_scale(x, bitwidth, grid, axes);
   return {reference_round(x, scale, qmin, qmax), scale};
@@ -378,52 +388,82 @@ at::Tensor reference_range_gradient(const at::Tensor& grad, const at::Tensor& x,
   }
   const at::Tensor top = per_slice(magnitude, amax);
   at::Tensor d_range = per_slice(grad_c * (rounded - u) * passing, sum) / top_level;
-  d_range = at::where(at::logical_and(top > 0, at::isfinite(top_level / top)), d_range, 0.0);
+  d_range = at::where(top / top_level == scale, d_range, 0.0);
   const at::Tensor extreme = magnitude == top;
   const at::Tensor ties = per_slice(extreme.to(compute.scalar_type()), sum).clamp_min(1);
   return (grad_c * passing + extreme * at::sign(compute) * d_range / ties).to(x.scalar_type());
 }
 
-// One slice (a row of n contiguous elements with one scale) in three vectorized passes:
-// the range term's sum (in double: it may differ from the reference's sum in the last
-// bits), the extreme magnitude and the minimum; the extreme's ties; then the gradient, with
-// the reference's arithmetic.
+// The range term's sum and the extreme's ties over one row, in kLanes independent lanes of
+// T (see range_of_block): sum(grad * (rint(u) - u) * pass) and the count of |x| == top.
 template <typename T>
-TA_VECTOR_CLONES void range_gradient_row(const T* __restrict grad, const T* __restrict x, T* __restrict out, int64_t n,
-                                         T scale, T qmin, T qmax, double signed_max, double unsigned_max,
-                                         int grid) {  // grid: 0 signed, 1 unsigned, 2 auto
-  const bool plain = grid == 1;  // the unsigned grid's extreme is max(x), the others' max|x|
-  double residual = 0;
-  T top = -std::numeric_limits<T>::infinity(), low = std::numeric_limits<T>::infinity();
-  int nan = 0;
-#pragma omp simd reduction(+ : residual) reduction(max : top) reduction(min : low) reduction(| : nan)
-  for (int64_t i = 0; i < n; ++i) {
+TA_VECTOR_CLONES void residual_and_ties(const T* __restrict grad, const T* __restrict x, int64_t n, T scale, T qmin,
+                                        T qmax, T top, bool plain, double* residual, int64_t* ties) {
+  constexpr int kLanes = 16;
+  T sum[kLanes], count[kLanes];
+  for (int j = 0; j < kLanes; ++j) sum[j] = count[j] = T(0);
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+#pragma omp simd
+    for (int j = 0; j < kLanes; ++j) {
+      const T v = x[i + j], u = v / scale, r = std::rint(u);
+      const T pass = (r >= qmin && r <= qmax) ? T(1) : T(0);
+      sum[j] += grad[i + j] * (r - u) * pass;  // as the reference: a NaN scale makes it NaN
+      count[j] += ((plain ? v : std::abs(v)) == top) ? T(1) : T(0);
+    }
+  }
+  double total = 0, tied = 0;
+  for (int j = 0; j < kLanes; ++j) {
+    total += sum[j];
+    tied += count[j];
+  }
+  for (; i < n; ++i) {
     const T v = x[i], u = v / scale, r = std::rint(u);
     const T pass = (r >= qmin && r <= qmax) ? T(1) : T(0);
-    residual += double(grad[i] * (r - u) * pass);  // as the reference: a NaN scale makes it NaN
-    const T magnitude = plain ? v : std::abs(v);
-    top = magnitude > top ? magnitude : top;
-    low = v < low ? v : low;
-    nan |= v != v;
+    total += grad[i] * (r - u) * pass;
+    tied += ((plain ? v : std::abs(v)) == top) ? 1 : 0;
   }
-  if (nan) top = std::numeric_limits<T>::quiet_NaN();  // amax propagates NaN: no extreme element
-  int64_t ties = 0;
-#pragma omp simd reduction(+ : ties)
-  for (int64_t i = 0; i < n; ++i) ties += (plain ? x[i] : std::abs(x[i])) == top ? 1 : 0;
-  const T top_level = static_cast<T>(grid == 1 || (grid == 2 && low >= 0 && !nan) ? unsigned_max : signed_max);
-  T d_range = static_cast<T>(residual) / top_level;
-  if (!(top > 0 && std::isfinite(top_level / top))) d_range = T(0);
-  const T share = static_cast<T>(std::max<int64_t>(ties, 1));
+  *residual = total;
+  *ties = static_cast<int64_t>(tied);
+}
+
+template <typename T>
+TA_VECTOR_CLONES void range_gradient_output(const T* __restrict grad, const T* __restrict x, T* __restrict out,
+                                            int64_t n, T scale, T qmin, T qmax, T top, bool plain, T d_range, T share) {
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const T v = x[i], r = std::rint(v / scale);
     const T pass = (r >= qmin && r <= qmax) ? T(1) : T(0);
-    const T magnitude = plain ? v : std::abs(v);
-    const T extreme = magnitude == top ? T(1) : T(0);
+    const T extreme = ((plain ? v : std::abs(v)) == top) ? T(1) : T(0);
     const T sign = v > 0 ? T(1) : (v < 0 ? T(-1) : T(0));
     out[i] = grad[i] * pass + extreme * sign * d_range / share;
   }
 }
+
+// One slice (a row of n contiguous elements with one scale) in three vectorized passes: its
+// range (range_of_block), the range term's sum and the extreme's ties (summed over lanes:
+// the sum may differ from the reference's in the last bits), then the gradient with the
+// reference's arithmetic.
+template <typename T>
+void range_gradient_row(const T* grad, const T* x, T* out, int64_t n, T scale, T qmin, T qmax, double signed_max,
+                        double unsigned_max, int grid) {  // grid: 0 signed, 1 unsigned, 2 auto
+  const bool plain = grid == 1;  // the unsigned grid's extreme is max(x), the others' max|x|
+  const Range<T> range = n >= 256 ? range_of_block(x, 0, n) : range_of_row(x, n);
+  // amax propagates NaN: then no element is the extreme
+  const T top = range.nan ? std::numeric_limits<T>::quiet_NaN() : (plain ? range.high : std::max(-range.low, range.high));
+  double residual = 0;
+  int64_t ties = 0;
+  residual_and_ties(grad, x, n, scale, qmin, qmax, top, plain, &residual, &ties);
+  const T top_level =
+      static_cast<T>(grid == 1 || (grid == 2 && range.low >= 0 && !range.nan) ? unsigned_max : signed_max);
+  T d_range = static_cast<T>(residual) / top_level;
+  if (!(top / top_level == scale)) d_range = T(0);  // a special scale (zero, NaN, raised to the smallest normal)
+  range_gradient_output(grad, x, out, n, scale, qmin, qmax, top, plain, d_range,
+                        static_cast<T>(std::max<int64_t>(ties, 1)));
+}
+
+at::Tensor range_gradient_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, int64_t bitwidth,
+                               const std::string& grid, int64_t rows);
 
 at::Tensor range_gradient_backward(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale,
                                    int64_t bitwidth, c10::string_view grid_view, at::IntArrayRef axes) {
@@ -432,13 +472,19 @@ at::Tensor range_gradient_backward(const at::Tensor& grad, const at::Tensor& x, 
   check_grid(x, bitwidth, grid, axes, "range_gradient_backward");
   TORCH_CHECK(grad.sizes() == x.sizes(), "torchapprox::range_gradient_backward: grad must have x's shape ", x.sizes(),
               ", got ", grad.sizes());
+  if (x.numel() == 0) return at::zeros_like(x);
+  // Strided tensors run on contiguous copies (see fast_rows).
   const bool loop = (x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) &&
                     grad.scalar_type() == x.scalar_type() && scale.scalar_type() == x.scalar_type() &&
-                    x.is_contiguous() && grad.is_contiguous() && scale.is_contiguous() && scale.device().is_cpu() &&
-                    leading_axes(axes) && x.numel() > 0;
+                    scale.device().is_cpu() && leading_axes(axes);
   int64_t rows = 1;
   for (int64_t axis : axes) rows *= x.size(axis);
   if (!loop || scale.numel() != rows) return reference_range_gradient(grad, x, scale, bitwidth, grid, axes);
+  return in_layout_of(x, range_gradient_rows(grad.contiguous(), x.contiguous(), scale.contiguous(), bitwidth, grid, rows));
+}
+
+at::Tensor range_gradient_rows(const at::Tensor& grad, const at::Tensor& x, const at::Tensor& scale, int64_t bitwidth,
+                               const std::string& grid, int64_t rows) {
   const double signed_max = std::ldexp(1.0, bitwidth - 1) - 1, unsigned_max = std::ldexp(1.0, bitwidth) - 1;
   const auto [qmin, qmax] = grid_bounds(bitwidth, grid);
   const int grid_code = grid == "signed" ? 0 : (grid == "unsigned" ? 1 : 2);
