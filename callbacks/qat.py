@@ -179,6 +179,9 @@ class QuantizationAwareTraining(Callback):
         self.calibrate_batches = int(calibrate_batches)
         self.strict_schedule = check_bool(strict_schedule, "strict_schedule")
         self.per_token_inputs = check_bool(per_token_inputs, "per_token_inputs")
+        if self.per_token_inputs and self.calibrate_batches:
+            raise ValueError(f"`calibrate_batches={self.calibrate_batches}` freezes one range per input tensor, but "
+                             "`per_token_inputs=True` gives each token its own scale: use one of the two")
         # The epoch (or step, with interval="step") whose bitwidth the model runs at: saved in
         # checkpoints (a plain int), so that test(ckpt_path=...) evaluates at the bitwidth
         # the checkpoint was trained at.

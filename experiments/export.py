@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 
 import torchapprox as ta
 from experiments.console import quiet_third_party
+from experiments.module import Classifier
 from torchapprox.calibration import calibrate
 from torchapprox.export import export_onnx
 from torchapprox.export.onnx import strip_debug_info
@@ -73,6 +74,17 @@ def load_run(run_dir: Path):
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("test")
     return model, datamodule, qat, checkpoint_path
+
+
+def unexportable(model, run_dir: Path) -> str | None:
+    """Why this run cannot be exported and evaluated here, in one line, or None."""
+    if any(isinstance(q, ta.MinMaxQuant) and q.axis == "token" for q in model.modules()):
+        return (f"{run_dir} quantized its inputs with one scale per token (callbacks.qat.per_token_inputs=true): "
+                "ONNX QDQ takes one scale per tensor, so it cannot be exported")
+    if not isinstance(model, Classifier):
+        return (f"{run_dir} trained {type(model).__name__}, not a classifier: this command measures test accuracy; "
+                "export the model in Python with torchapprox.export_onnx")
+    return None
 
 
 def onnx_accuracy(path: Path, loader) -> tuple[float, np.ndarray]:
@@ -137,6 +149,10 @@ def main(argv: list[str] | None = None) -> int:
     except ExportError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    refusal = unexportable(model, args.run_dir)
+    if refusal:
+        print(f"Error: {refusal}", file=sys.stderr)
+        return 2
     test_loader = datamodule.test_dataloader()
     example = next(iter(test_loader))[0]
     frozen = [q for q in ta.quantizer_state(model) if q.endswith("static_range")]
@@ -149,11 +165,17 @@ def main(argv: list[str] | None = None) -> int:
                 quantizer.freeze_range(None)  # dynamic scales asked for
     torch_accuracy = float((torch_predictions(model, test_loader) == np.concatenate(
         [y.numpy() for _, y in test_loader])).mean())
-    path = export_onnx(model, example, args.run_dir / "model.onnx")
+    try:
+        path = export_onnx(model, example, args.run_dir / "model.onnx")
+    except (ValueError, TypeError) as error:
+        print(f"Error: {error}", file=sys.stderr)
+        return 2
     accuracy, _ = onnx_accuracy(path, test_loader)
     metrics_path = args.run_dir / "metrics.json"
     recorded = json.loads(metrics_path.read_text()).get("test/acc") if metrics_path.is_file() else None
-    scales = "static (calibrated)" if args.static else "dynamic (from each tensor's range)"
+    running = any(isinstance(q, ta.MinMaxQuant) and q.stored_range() is not None for q in model.modules())
+    scales = ("static (calibrated)" if args.static else
+              "constant (running-average ranges)" if running else "dynamic (from each tensor's range)")
     print(f"wrote {path}: QDQ, {qat.bitwidth} bits, {scales} input scales (from {checkpoint_path.name}, "
           f"epoch {qat.epoch})")
     print(f"test accuracy: ONNX Runtime {accuracy:.4f}, PyTorch {torch_accuracy:.4f}, metrics.json "

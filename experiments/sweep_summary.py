@@ -44,6 +44,7 @@ def columns(rows: list[dict[str, Any]]) -> list[str]:
 
 
 _current_sweep_dir: Path | None = None  # the sweep this process runs, for an interrupted sweep
+_current_metric = "test/acc"
 
 
 class SweepSummary(Callback):
@@ -51,8 +52,9 @@ class SweepSummary(Callback):
         self.metric = metric
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        global _current_sweep_dir
+        global _current_sweep_dir, _current_metric
         _current_sweep_dir = Path(config.hydra.sweep.dir)
+        _current_metric = self.metric
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         if int(os.environ.get("LOCAL_RANK", "0")) != 0:
@@ -82,7 +84,7 @@ def summarize(sweep_dir: Path, metric: str = "test/acc") -> list[dict[str, Any]]
 def summarize_current_sweep() -> None:
     """After an interruption: the summary of the sweep this process was running, if any."""
     if _current_sweep_dir is not None and _current_sweep_dir.is_dir():
-        summarize(_current_sweep_dir)
+        summarize(_current_sweep_dir, _current_metric)
 
 
 def _job_number(job_dir: Path) -> float:
@@ -141,13 +143,16 @@ def aggregate(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
             cells[_key(row, swept)].append(row)
     result = []
     for key, members in cells.items():
-        values = [float(m[metric]) for m in members if m.get(metric) is not None]
+        measured = [m for m in members if m.get(metric) is not None]
+        values = [float(m[metric]) for m in measured]
         result.append({
             "cell": key,
             "series": _key(members[0], series_keys),
             "bitwidth": members[0].get("bitwidth"),
             "n": len(values),
             "values": values,
+            # seed -> value: an fp32 job ignores `bits`, so a sweep over bits repeats it per seed
+            "by_seed": {m["parsed"].get("seed", m.get("seed", m["job"])): float(m[metric]) for m in measured},
             "mean": statistics.fmean(values) if values else float("nan"),
             "std": statistics.stdev(values) if len(values) > 1 else 0.0,
         })
@@ -214,13 +219,25 @@ def _pivot(cells: list[dict[str, Any]], metric: str) -> list[str]:
             if not members:
                 entries.append("")
                 continue
-            # fp32 cells of one series (one per swept bitwidth) pool into one entry
-            values = [v for m in members for v in m["values"]]
+            # fp32 cells of one series (one per swept bitwidth: the same runs again) pool into
+            # one entry, a value per seed
+            values = list(_per_seed(members).values()) if bits is None else [v for m in members for v in m["values"]]
+            if not values:
+                entries.append("")
+                continue
             std = statistics.stdev(values) if len(values) > 1 else 0.0
             unit = 100 if percent(metric) else 1
             entries.append(f"{unit * statistics.fmean(values):.{2 if percent(metric) else 3}f} ± {unit * std:.{2 if percent(metric) else 3}f}")
         lines.append(f"| {name} | " + " | ".join(entries) + " |")
     return lines + [""]
+
+
+def _per_seed(cells: list[dict[str, Any]]) -> dict[Any, float]:
+    """The cells' values, one per seed (cells that repeat a run give it once)."""
+    merged: dict[Any, float] = {}
+    for cell in cells:
+        merged.update(cell["by_seed"])
+    return merged
 
 
 def _markdown(rows: list[dict[str, Any]], cells: list[dict[str, Any]], metric: str) -> str:
@@ -254,7 +271,7 @@ def _plot(cells: list[dict[str, Any]], path: Path, metric: str) -> None:
         if quantized:
             axes.errorbar([c["bitwidth"] for c in quantized], [c["mean"] for c in quantized],
                           yerr=[c["std"] for c in quantized], marker="o", capsize=3, label=name)
-        baseline = [v for c in members if c["bitwidth"] is None for v in c["values"]]
+        baseline = list(_per_seed([c for c in members if c["bitwidth"] is None]).values())
         if baseline:  # one line for the series, however many swept bitwidths it ran under
             axes.axhline(statistics.fmean(baseline), linestyle="--", color="gray", label=f"{name} (fp32)")
     axes.set_xlabel("final bitwidth")
@@ -268,18 +285,36 @@ def _plot(cells: list[dict[str, Any]], path: Path, metric: str) -> None:
     plt.close(figure)
 
 
+def sweep_metric(sweep_dir: Path) -> str:
+    """The metric the sweep was summarised by (its multirun.yaml), else test/acc."""
+    try:
+        config = yaml.safe_load((sweep_dir / "multirun.yaml").read_text())
+        return str(config["hydra"]["callbacks"]["sweep_summary"]["metric"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "test/acc"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Rebuild summary.csv, summary.md and summary.png of a sweep dir.")
     parser.add_argument("sweep_dir", type=Path, help="a sweep dir (multirun/<time>), holding one dir per job")
-    parser.add_argument("--metric", default="test/acc", help="the metric of the tables and the plot (default test/acc)")
+    parser.add_argument("--metric", default=None,
+                        help="the metric of the tables and the plot (default: the sweep's own, "
+                             "hydra.callbacks.sweep_summary.metric, else test/acc)")
     args = parser.parse_args(argv)
     if not args.sweep_dir.is_dir():
         print(f"Error: {args.sweep_dir} is not a directory", file=sys.stderr)
         return 2
-    rows = summarize(args.sweep_dir, args.metric)
-    if rows is None:
+    rows = collect_jobs(args.sweep_dir)
+    if not rows:
         print(f"Error: {args.sweep_dir} holds no job dirs (none has .hydra/overrides.yaml)", file=sys.stderr)
         return 2
+    metric = args.metric or sweep_metric(args.sweep_dir)
+    reported = [m for m in metric_columns(rows) if any(row.get(m) is not None for row in rows)]
+    if any(row["status"] == "ok" for row in rows) and metric not in reported:
+        print(f"Error: --metric {metric!r} is not reported by the jobs of {args.sweep_dir} "
+              f"(they report: {', '.join(reported) or 'nothing'})", file=sys.stderr)
+        return 2
+    summarize(args.sweep_dir, metric)
     print(f"{len(rows)} jobs: {sum(r['status'] == 'ok' for r in rows)} finished")
     return 0
 

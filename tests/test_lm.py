@@ -100,6 +100,20 @@ def test_the_app_trains_the_language_model_and_reports_bits_per_byte(tmp_path):
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert 0 < metrics["val/bpb"] < 8 and 0 < metrics["test/bpb"] < 8 and metrics["bitwidth"] == 4
     assert list((run_dir / "checkpoints").glob("epoch01.ckpt"))  # the best epoch by val/bpb (lower is better)
+    # Per-token input scales have no ONNX QDQ form: the export command says so in one line.
+    export = subprocess.run([sys.executable, "-m", "experiments.export", str(run_dir)], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert export.returncode == 2, export.stderr[-2000:]
+    assert "one scale per token (callbacks.qat.per_token_inputs=true)" in export.stderr
+    assert "Traceback" not in export.stderr and not (run_dir / "model.onnx").exists()
+
+
+def test_per_token_inputs_and_calibration_are_refused_together_before_training():
+    from callbacks import QuantizationAwareTraining
+
+    with pytest.raises(ValueError, match=r"`calibrate_batches=2` freezes one range per input tensor, but "
+                                         r"`per_token_inputs=True`"):
+        QuantizationAwareTraining(4, per_token_inputs=True, calibrate_batches=2)
 
 
 def test_the_summary_shows_bits_per_byte_as_they_are():
@@ -107,3 +121,38 @@ def test_the_summary_shows_bits_per_byte_as_they_are():
             for i, (b, s, v) in enumerate([(4, 0, 2.5), (4, 1, 2.7), (8, 0, 2.4), (8, 1, 2.4)])]
     lines = _pivot(aggregate(rows, "val/bpb"), "val/bpb")
     assert "| all jobs | 2.600 ± 0.141 | 2.400 ± 0.000 |" in lines
+
+
+def test_fp32_jobs_repeated_for_every_bitwidth_count_once_per_seed():
+    """An fp32 job ignores `bits`: a sweep over bits runs it again per value. The pooled fp32
+    entry is the mean ± std of one value per seed, not of the copies."""
+    rows = [{"job": f"{b}-{s}", "status": "ok", "parsed": {"recipe": "fp32", "bits": str(b), "seed": str(s)},
+             "test/acc": value, "bitwidth": None}
+            for b in (2, 4, 8) for s, value in ((0, 0.98), (1, 0.99), (2, 1.0))]
+    lines = _pivot(aggregate(rows, "test/acc"), "test/acc")
+    assert "| all jobs | 99.00 ± 1.00 |" in lines  # stdev of three seeds; twelve copies would give 0.87
+
+
+def test_the_summary_command_uses_the_sweeps_metric_and_refuses_an_unknown_one(tmp_path):
+    from experiments.sweep_summary import main
+
+    sweep = tmp_path / "sweep"
+    for seed, bpb in ((0, 2.5), (1, 2.7)):
+        job = sweep / f"seed={seed}"
+        (job / ".hydra").mkdir(parents=True)
+        (job / ".hydra" / "overrides.yaml").write_text(f"- seed={seed}\n")
+        (job / "metrics.json").write_text(json.dumps({"status": "ok", "val/bpb": bpb, "test/bpb": bpb, "bitwidth": 4}))
+    (sweep / "multirun.yaml").write_text("hydra:\n  callbacks:\n    sweep_summary:\n      metric: val/bpb\n")
+    assert main([str(sweep)]) == 0
+    assert "## val/bpb: mean ± std over seeds" in (sweep / "summary.md").read_text()
+    before = (sweep / "summary.csv").stat().st_mtime_ns
+    assert main([str(sweep), "--metric", "test/acc"]) == 2  # one line, nothing rewritten
+    assert (sweep / "summary.csv").stat().st_mtime_ns == before
+
+
+def test_the_export_command_refuses_a_language_model_in_one_line(tmp_path):
+    from experiments.export import unexportable
+
+    model = LanguageModel(CharTransformer(context=8, dim=16, layers=1, heads=2))
+    ta.attach(model, 4)  # per-tensor scales: exportable, but the command measures classifier accuracy
+    assert "trained LanguageModel, not a classifier" in unexportable(model, tmp_path)
