@@ -1,12 +1,18 @@
-"""Lightning glue: the QAT callback and its bitwidth schedules."""
+"""Lightning glue: the QAT callback, its companions and the bitwidth schedules."""
 
+from .bn_reestimation import BatchNormReestimation
+from .checkpoint import restore_quantized
+from .lr_rewarm import LearningRateRewarm
 from .qat import QuantizationAwareTraining
 from .schedules import ConstantBitwidth, CosineBitwidth, LinearBitwidth, StepBitwidth
 
 __all__ = [
+    "BatchNormReestimation",
     "ConstantBitwidth",
     "CosineBitwidth",
+    "LearningRateRewarm",
     "LinearBitwidth",
     "QuantizationAwareTraining",
     "StepBitwidth",
+    "restore_quantized",
 ]

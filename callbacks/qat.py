@@ -1,13 +1,20 @@
-"""QuantizationAwareTraining: bitwidth-annealed QAT for any LightningModule."""
+"""QuantizationAwareTraining: bitwidth-annealed QAT for any LightningModule.
+
+Its jobs, and only these: attach the quantizers the specs describe when the model's layers
+exist, set the schedule's bitwidth, log per-layer scale factors and quantization error, keep
+its state in checkpoints (and freeze static input scales when asked to). Batch-norm
+re-estimation and the learning-rate re-warm are callbacks of their own
+(``callbacks.bn_reestimation``, ``callbacks.lr_rewarm``) that hear its bitwidth changes.
+"""
 
 from __future__ import annotations
 
 import fnmatch
 import math
-import re
 import numbers
+import re
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -15,109 +22,104 @@ from lightning.pytorch import Callback, LightningModule, Trainer
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from torch import nn
 
 import torchapprox as ta
 from torchapprox.calibration import calibrate
 from torchapprox.layers import find_layer_type, registered_types
-from torchapprox.quantizers import ApproxQuantizer
-from torchapprox.quantizers.minmax_quantizer import EVAL_RANGES, GRIDS
-from torchapprox.validation import check_bool, check_overrides, check_patterns, check_range_gradient
+from torchapprox.shortcuts import apply_shortcuts
+from torchapprox.spec import QuantSpec, as_spec, check_rules
+from torchapprox.statistics import STAT_NAMES, StatisticsCollector
+from torchapprox.validation import check_bool, check_patterns
 
+from .bn_reestimation import BatchNormReestimation
+from .distributed import all_reduce_function
+from .lr_rewarm import LearningRateRewarm
 from .schedules import BitwidthSchedule, as_schedule, final_position
 
-STAT_NAMES = ("scale_factor", "mse", "sqnr_db")
+# The callback's default input spec: non-negative inputs on the unsigned grid (the README's
+# Results: it turns 2-bit training from ~50% into ~97% accuracy on the digits).
+DEFAULT_INPUT = QuantSpec(grid="auto")
+STATE_KEYS = ("epoch", "bitwidth", "quantization", "calibrated", "companions")
 
 
 class QuantizationAwareTraining(Callback):
     r"""Quantization-aware training whose bitwidth follows a schedule over the epochs.
 
     In ``setup()`` (on every rank, before DDP wraps the model and before a checkpoint is
-    restored) a ``MinMaxQuant`` is attached to the weights and inputs of every layer of a
-    registered type (Linear, Conv, ConvTranspose, Embedding, MultiheadAttention, RNN/LSTM/GRU,
-    transformers' Conv1D, and any registered with ``torchapprox.register_layer``) of the
-    LightningModule (see :func:`torchapprox.attach`). At the start of each training epoch every quantizer is
-    set to ``schedule(current_epoch)``; validation and test run at that epoch's bitwidth.
+    restored) quantizers are attached to the weights and inputs of every layer of a
+    registered type (Linear, Conv, ConvTranspose, Embedding, MultiheadAttention,
+    RNN/LSTM/GRU, transformers' Conv1D, and any registered with ``torchapprox.register_layer``)
+    of the LightningModule, as the ``weight`` and ``input`` specs and the ``rules`` say (see
+    :func:`torchapprox.attach`). At the start of each training epoch every quantizer not
+    pinned by a rule is set to ``schedule(current_epoch)``; validation and test run at that
+    epoch's bitwidth.
 
     The float master weights stay the module's Parameters, so checkpoints hold exactly the
-    plain model's keys: ``MyModel.load_from_checkpoint(path)`` works without this callback.
-    The model stays quantized after ``fit``; to bake the grid values into the float weights
-    call ``torchapprox.detach(model, bake=True)`` explicitly.
+    plain model's keys (plus learned steps, for families that learn them):
+    ``MyModel.load_from_checkpoint(path)`` works without this callback, and
+    :func:`callbacks.restore_quantized` rebuilds the quantized model from a checkpoint. The
+    model stays quantized after ``fit``; to bake the grid values into the float weights call
+    ``torchapprox.detach(model, bake=True)`` explicitly.
 
     Logged through the trainer's loggers every ``log_every_n_steps`` training steps, and
     only then (between logging steps the callback adds no work and no host-device sync):
-    ``quant/bitwidth`` and, per quantized layer, ``quant/{layer}/{weight|input}/{scale_factor|mse|sqnr_db}``.
-    Under DDP the weight statistics are the same on every rank (the weights are), while the
-    input statistics describe each rank's own batch: they are averaged over the ranks before
-    rank zero logs them. If a logged value is not finite, training stops with an error that
-    names the layer and the step.
+    ``quant/bitwidth`` and, per quantized layer, ``quant/{layer}/{weight|input}/{scale_factor|mse|sqnr_db}``,
+    from a statistics collector opened for that step (a layer that did not run reports
+    nothing). Under DDP each value is the mean over the ranks where the layer ran. If a
+    logged value is not finite, training stops with an error naming the layer and the step.
 
     Args:
         schedule: bits per epoch: an int (constant), a dict ``{epoch: bits}`` (must hold
             epoch 0), a list of bits per epoch, a schedule from :mod:`callbacks.schedules`,
             or any callable ``epoch -> bits``. Every bitwidth is an int in 2..32.
-        quantize_weights: quantize every layer's weight.
-        quantize_activations: quantize every layer's input.
-        exclude: fnmatch patterns over qualified layer names to leave in float
-            (e.g. ``["model.classifier"]``).
-        log_every_n_steps: logging interval in training steps; ``None`` uses the trainer's
-            ``log_every_n_steps``.
+        weight: the :class:`torchapprox.QuantSpec` of every weight (or a dict of its fields);
+            default ``QuantSpec()`` (min/max, signed, per tensor).
+        input: the spec of every input; default ``QuantSpec(grid="auto")`` (non-negative
+            inputs, such as a ReLU's output, on the unsigned grid).
+        rules: ``{layer pattern: {field: value}}``, per-layer changes of the specs; a rule
+            that sets ``bits`` pins those layers whatever the schedule says (first and last
+            layer at 8 bits: ``{"net.features.0": {"bits": 8}, "net.classifier": {"bits": 8}}``).
+        quantize_weights, quantize_activations: quantize weights, inputs (False: not at all).
+        exclude: fnmatch patterns over qualified layer names to leave in float.
+        log_every_n_steps: logging interval in training steps; ``None`` uses the trainer's.
         log_histograms_every_n_steps: also write histograms of each weight and of its
             quantization error to TensorBoard at this (slower) interval; ``None`` for none.
         verbose: print on rank zero what is quantized (the share of the parameters, per
-            layer type: see :func:`torchapprox.coverage`) and the bitwidth whenever it changes.
-        bitwidth_overrides: ``{layer pattern: bits}`` kept whatever the schedule says (e.g.
-            ``{"net.features.0": 8, "net.classifier": 8}``: first and last layer at 8 bits).
-        activation_grid: the grid of the input quantizers (see :class:`torchapprox.MinMaxQuant`):
-            ``"auto"`` (default: unsigned [0, 2^b - 1] for a non-negative input such as a
-            ReLU's output, signed otherwise; chosen from the sweeps in the README's Results,
-            where it turns 2-bit training from ~50% into ~97% accuracy), ``"signed"`` or
-            ``"unsigned"``. Weights are always on the signed grid.
-        recompute_inputs: True (default): layers keep their float input for backward and
-            recompute its quantized value there (peak memory close to float training);
-            False: they keep the quantized input too (a few percent faster per step, about
-            a third more activation memory). See :func:`torchapprox.attach`.
-        interval: ``"epoch"`` (default): the schedule is a function of the epoch, applied
-            at each epoch start; ``"step"``: of the global step, applied at each step.
-        bn_reestimate: when the bitwidth drops, reset every BatchNorm's running statistics
-            and re-estimate them as a cumulative average until the end of the epoch, so that
-            evaluation does not use statistics of the wider network.
-        lr_rewarm_steps: when the bitwidth drops, ramp the learning rate linearly from
-            1/N of its value back to it over these N steps (0: off). The ramp scales the
-            rate around each optimizer step only, so LR schedulers see their own values.
-        per_channel_weights: one scale per output channel of each weight instead of one per
-            tensor (see :func:`torchapprox.attach`); logged scale factors are then the mean
-            over the channels.
-        range_gradient: let the gradient reach each quantizer's range (False, True,
-            ``"weights"`` or ``"inputs"``; see :func:`torchapprox.attach`).
-        eval_range: ``"batch"`` (each input's own range in evaluation too) or ``"running"``
-            (a moving average of the training ranges; kept in this callback's checkpoint
-            state). See :func:`torchapprox.attach`.
-        calibrate_batches: at the end of the last training epoch, freeze every input
-            quantizer's range to the min and max over this many training batches
-            (:func:`torchapprox.calibrate`): the last validation, the checkpoints and the
-            test then use constant input scales, as integer-only hardware and an exported
-            QDQ graph do. 0 (default): dynamic scales throughout. The ranges are kept in this
-            callback's checkpoint state. With no known last epoch (``max_epochs=-1``) the
-            calibration runs when training ends, after the last checkpoint.
-        per_token_inputs: one scale per token (row of the last dimension) of each input
-            instead of one per tensor (see :func:`torchapprox.attach`).
+            layer type) and the bitwidth whenever it changes.
+        interval: ``"epoch"`` (default): the schedule is a function of the epoch, applied at
+            each epoch start; ``"step"``: of the global step, applied at each step.
+        calibrate_batches: freeze every input quantizer's range to the min and max over this
+            many training batches (:func:`torchapprox.calibrate`) after the last training
+            batch, before the last validation: that validation, the checkpoints and the test
+            use constant input scales, as integer-only hardware and an exported QDQ graph do.
+            0 (default): dynamic scales throughout. The ranges are kept in this callback's
+            checkpoint state. When training ends early (early stopping, ``max_time``) the
+            calibration runs when it ends, after the last validation.
         strict_schedule: when the run is too short for the schedule to reach its final
-            bits (16 -> 4 over 20 epochs in a 10-epoch run), stop before training with an
-            error (True; the app's setting) or warn and train anyway (False, the default:
-            the run may be the first part of one resumed later).
+            bits, stop before training with an error (True; the app's setting) or warn and
+            train anyway (False, the default: the run may be the first part of one resumed).
 
-    Bitwidth drops are logged as ``quant/transition`` (the new bits) at the step they happen.
+    Shortcuts kept for one release (each given one replaces a field of the specs; see
+    :func:`torchapprox.attach`): ``bitwidth_overrides`` (rules pinning bits),
+    ``activation_grid`` (``input.grid``), ``recompute_inputs`` (``input.recompute``),
+    ``per_channel_weights``, ``per_token_inputs``, ``range_gradient``, ``eval_range``;
+    ``bn_reestimate=True`` adds a :class:`BatchNormReestimation` and ``lr_rewarm_steps=N`` a
+    :class:`LearningRateRewarm` of N steps (their state saved in this callback's).
+
+    Bitwidth drops are logged as ``quant/transition`` (the new bits) at the step they
+    happen, and every callback of the trainer with an ``on_bitwidth_change(trainer,
+    pl_module, old, new)`` method hears every change.
 
     Raises:
-        TypeError, ValueError: for a bad schedule or argument, at construction.
+        TypeError, ValueError: for a bad schedule, spec, rule or argument, at construction.
 
     Example::
 
         >>> from lightning.pytorch import Trainer
         >>> from callbacks import QuantizationAwareTraining
         >>> from callbacks.schedules import LinearBitwidth
-        >>> qat = QuantizationAwareTraining(LinearBitwidth(16, 4, start_epoch=0, end_epoch=3))
+        >>> qat = QuantizationAwareTraining(LinearBitwidth(16, 4, start_epoch=0, end_epoch=3),
+        ...                                 input=ta.QuantSpec(grid="auto", granularity="per_token"))
         >>> trainer = Trainer(max_epochs=5, callbacks=[qat])   # 16, 12, 8, 4, 4 bits
     """
 
@@ -125,24 +127,27 @@ class QuantizationAwareTraining(Callback):
         self,
         schedule: int | dict | BitwidthSchedule | Any = 8,
         *,
+        weight: QuantSpec | Mapping[str, Any] | None = None,
+        input: QuantSpec | Mapping[str, Any] | None = None,
+        rules: Mapping[str, Mapping[str, Any]] | None = None,
         quantize_weights: bool = True,
         quantize_activations: bool = True,
         exclude: str | Iterable[str] = (),
         log_every_n_steps: int | None = None,
         log_histograms_every_n_steps: int | None = None,
         verbose: bool = True,
-        bitwidth_overrides: dict[str, int] | None = None,
-        activation_grid: str = "auto",
-        recompute_inputs: bool = True,
         interval: str = "epoch",
-        bn_reestimate: bool = False,
-        lr_rewarm_steps: int = 0,
-        per_channel_weights: bool = False,
-        range_gradient: bool | str = False,
-        eval_range: str = "batch",
         calibrate_batches: int = 0,
         strict_schedule: bool = False,
-        per_token_inputs: bool = False,
+        bitwidth_overrides: dict[str, int] | None = None,
+        activation_grid: str | None = None,
+        recompute_inputs: bool | None = None,
+        per_channel_weights: bool | None = None,
+        range_gradient: bool | str | None = None,
+        eval_range: str | None = None,
+        per_token_inputs: bool | None = None,
+        bn_reestimate: bool = False,
+        lr_rewarm_steps: int = 0,
     ) -> None:
         self.schedule = as_schedule(schedule)
         self.quantize_weights = check_bool(quantize_weights, "quantize_weights")
@@ -151,60 +156,91 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(
                 "`quantize_weights` and `quantize_activations` are both False: nothing would be quantized"
             )
+        weight_spec = as_spec(weight, "weight", QuantSpec()) if self.quantize_weights else None
+        input_spec = as_spec(input, "input", DEFAULT_INPUT) if self.quantize_activations else None
+        self.weight_spec, self.input_spec, self.rules = apply_shortcuts(
+            weight_spec, input_spec, check_rules(rules), activation_grid=activation_grid,
+            recompute_inputs=recompute_inputs, per_channel_weights=per_channel_weights, range_gradient=range_gradient,
+            eval_range=eval_range, per_token_inputs=per_token_inputs, bitwidth_overrides=bitwidth_overrides)
         self.exclude = check_patterns(exclude)
         self.log_every_n_steps = _check_interval(log_every_n_steps, "log_every_n_steps")
-        self.log_histograms_every_n_steps = _check_interval(
-            log_histograms_every_n_steps, "log_histograms_every_n_steps"
-        )
+        self.log_histograms_every_n_steps = _check_interval(log_histograms_every_n_steps,
+                                                            "log_histograms_every_n_steps")
         self.verbose = check_bool(verbose, "verbose")
-        self.bitwidth_overrides = check_overrides(bitwidth_overrides)
-        if activation_grid not in GRIDS:
-            raise ValueError(f"`activation_grid` must be one of {', '.join(GRIDS)}, got {activation_grid!r}")
-        self.activation_grid = activation_grid
-        self.recompute_inputs = check_bool(recompute_inputs, "recompute_inputs")
         if interval not in ("epoch", "step"):
             raise ValueError(f"`interval` must be 'epoch' or 'step', got {interval!r}")
         self.interval = interval
-        self.bn_reestimate = check_bool(bn_reestimate, "bn_reestimate")
-        if isinstance(lr_rewarm_steps, bool) or not isinstance(lr_rewarm_steps, numbers.Integral) or lr_rewarm_steps < 0:
-            raise ValueError(f"`lr_rewarm_steps` must be an int >= 0, got {lr_rewarm_steps!r}")
-        self.lr_rewarm_steps = int(lr_rewarm_steps)
-        self.per_channel_weights = check_bool(per_channel_weights, "per_channel_weights")
-        self.range_gradient = check_range_gradient(range_gradient)
-        if eval_range not in EVAL_RANGES:
-            raise ValueError(f"`eval_range` must be one of {', '.join(EVAL_RANGES)}, got {eval_range!r}")
-        self.eval_range = eval_range
-        if isinstance(calibrate_batches, bool) or not isinstance(calibrate_batches, numbers.Integral) or calibrate_batches < 0:
+        if isinstance(calibrate_batches, bool) or not isinstance(calibrate_batches, numbers.Integral) \
+                or calibrate_batches < 0:
             raise ValueError(f"`calibrate_batches` must be an int >= 0 (0: off), got {calibrate_batches!r}")
         self.calibrate_batches = int(calibrate_batches)
-        self.strict_schedule = check_bool(strict_schedule, "strict_schedule")
-        self.per_token_inputs = check_bool(per_token_inputs, "per_token_inputs")
-        if self.per_token_inputs and self.calibrate_batches:
+        if self.calibrate_batches and self.input_spec is not None and self.input_spec.granularity == "per_token":
             raise ValueError(f"`calibrate_batches={self.calibrate_batches}` freezes one range per input tensor, but "
                              "`per_token_inputs=True` gives each token its own scale: use one of the two")
+        self.strict_schedule = check_bool(strict_schedule, "strict_schedule")
+        self.companions: list[Callback] = []  # made from the legacy keywords; hooks forwarded
+        if check_bool(bn_reestimate, "bn_reestimate"):
+            self.companions.append(BatchNormReestimation())
+        if isinstance(lr_rewarm_steps, bool) or not isinstance(lr_rewarm_steps, numbers.Integral) \
+                or lr_rewarm_steps < 0:
+            raise ValueError(f"`lr_rewarm_steps` must be an int >= 0, got {lr_rewarm_steps!r}")
+        if lr_rewarm_steps:
+            self.companions.append(LearningRateRewarm(int(lr_rewarm_steps)))
         # The epoch (or step, with interval="step") whose bitwidth the model runs at: saved in
-        # checkpoints (a plain int), so that test(ckpt_path=...) evaluates at the bitwidth
-        # the checkpoint was trained at.
+        # checkpoints, so that test(ckpt_path=...) evaluates at the bitwidth it was trained at.
         self.epoch: int | None = None
         self.bitwidth: int = self.schedule(0)
         self.quantized_layers: list[str] = []
-        self._recording_step: int | None = None  # the global step whose statistics are being taken
+        self._collector: StatisticsCollector | None = None  # open on a logging step
+        self._recording_step: int | None = None
         self._last_logged_step: int | None = None
-        self._bn_momentum: dict[nn.Module, float | None] = {}  # BatchNorms re-estimating
-        self._rewarm_start: int | None = None  # global step where the LR re-warm began
-        self._unscaled_lrs: list[tuple[dict, float]] = []
-        self._rewarm_factor: float | None = None
         self._calibrated = False
-        self._rewarm_handles: list = []
         self._module: weakref.ref | None = None  # the LightningModule the quantizers sit on
-        self._pending_quantizer_state: dict[str, torch.Tensor] = {}
+        self._pending_state: dict[str, Any] | None = None
+
+    # Read-only views of the specs under the 0.2 keywords' names (kept for one release).
+    @property
+    def bitwidth_overrides(self) -> dict[str, int]:
+        """The rules that pin bits, as ``{pattern: bits}``."""
+        return {pattern: fields["bits"] for pattern, fields in self.rules.items() if "bits" in fields}
+
+    @property
+    def activation_grid(self) -> str | None:
+        return None if self.input_spec is None else self.input_spec.grid
+
+    @property
+    def recompute_inputs(self) -> bool | None:
+        return None if self.input_spec is None else self.input_spec.recompute
+
+    @property
+    def per_channel_weights(self) -> bool:
+        return self.weight_spec is not None and self.weight_spec.granularity == "per_channel"
+
+    @property
+    def per_token_inputs(self) -> bool:
+        return self.input_spec is not None and self.input_spec.granularity == "per_token"
+
+    @property
+    def eval_range(self) -> str:
+        return "running" if self.input_spec is not None and self.input_spec.range == "running" else "batch"
+
+    @property
+    def bn_reestimate(self) -> bool:
+        return any(isinstance(c, BatchNormReestimation) for c in self.companions)
+
+    @property
+    def lr_rewarm_steps(self) -> int:
+        return next((c.steps for c in self.companions if isinstance(c, LearningRateRewarm)), 0)
 
     # ---------------------------------------------------------------- attach and schedule
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         self._check_schedule(trainer)
+        if self.interval == "epoch" and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            self._allow_one_compile_per_bitwidth({self.schedule(e) for e in range(trainer.max_epochs)})
         if is_overridden("configure_model", pl_module, LightningModule) and not self._attached_to(pl_module):
-            # Lightning builds those layers after setup(): attach right after it does, still
-            # before DDP/FSDP wrap the model and before a checkpoint is restored.
+            # Lightning builds those layers in configure_model(), after setup() and right
+            # before the strategy wraps the model (DDP, FSDP) and builds the optimizers, with
+            # no callback hook in between (Trainer._run): attach as configure_model returns.
             pl_module.configure_model = _ConfigureThenAttach(self, pl_module)
         else:
             self.attach(pl_module)
@@ -222,20 +258,10 @@ class QuantizationAwareTraining(Callback):
         if previous is pl_module and ta.quantized_layers(pl_module) and set(candidates) <= set(self.quantized_layers):
             return self.quantized_layers
         kept = ta.quantizer_state(pl_module) if previous is pl_module else {}
-        self.quantized_layers = ta.attach(
-            pl_module,
-            self.bitwidth,
-            weights=self.quantize_weights,
-            activations=self.quantize_activations,
-            exclude=self.exclude,
-            bitwidth_overrides=self.bitwidth_overrides,
-            activation_grid=self.activation_grid,
-            recompute_inputs=self.recompute_inputs,
-            per_channel_weights=self.per_channel_weights,
-            range_gradient=self.range_gradient,
-            eval_range=self.eval_range,
-            per_token_inputs=self.per_token_inputs,
-        )
+        self.quantized_layers = ta.attach(pl_module, self.bitwidth, weight=self.weight_spec, input=self.input_spec,
+                                          rules=self.rules, exclude=self.exclude,
+                                          weights=self.weight_spec is not None,
+                                          activations=self.input_spec is not None)
         if not self.quantized_layers:
             excluded = f" (exclude={list(self.exclude)})" if self.exclude else ""
             raise ValueError(
@@ -243,10 +269,11 @@ class QuantizationAwareTraining(Callback):
                 f"quantizes {', '.join(registered_types())} and the types registered with torchapprox.register_layer"
             )
         self._module = weakref.ref(pl_module)
-        state = {**kept, **self._pending_quantizer_state}
-        self._pending_quantizer_state = {}
-        known = {name for name, _ in _quantizer_buffer_names(pl_module)}
-        ta.load_quantizer_state(pl_module, {k: v for k, v in state.items() if k in known})
+        if kept:
+            ta.load_quantizer_state(pl_module, kept)
+        if self._pending_state is not None:  # a checkpoint's state arrived before the layers existed
+            state, self._pending_state = self._pending_state, None
+            self._load_quantization(pl_module, state)
         if self.verbose:
             rank_zero_info(f"QuantizationAwareTraining: {ta.coverage_summary(pl_module)}")
         return self.quantized_layers
@@ -269,6 +296,22 @@ class QuantizationAwareTraining(Callback):
                 self.schedule(epoch)
             self._check_reaches_final_bits(trainer.max_epochs, "epoch", f"trainer.max_epochs={trainer.max_epochs}")
 
+    def _allow_one_compile_per_bitwidth(self, bitwidths: set[int]) -> None:
+        """torch.compile specializes a graph on every bitwidth (a Python int of the quantizer),
+        in training and in evaluation: an anneal through many bitwidths would exceed dynamo's
+        recompile limit (8) and fall back to eager with one warning. Raise the limit so that
+        each of the schedule's bitwidths compiles once per mode (never lower it).
+        ``torch._dynamo.config`` is where torch documents this setting; it has no public setter."""
+        import torch._dynamo.config as dynamo_config
+
+        needed = 2 * len(bitwidths) + 8
+        if dynamo_config.recompile_limit < needed:
+            if self.verbose:
+                rank_zero_info(f"QuantizationAwareTraining: torch._dynamo.config.recompile_limit raised from "
+                               f"{dynamo_config.recompile_limit} to {needed}, so that torch.compile compiles each of "
+                               f"the schedule's {len(bitwidths)} bitwidths once instead of falling back to eager")
+            dynamo_config.recompile_limit = needed
+
     def _check_reaches_final_bits(self, length: int, unit: str, limit: str) -> None:
         final = final_position(self.schedule)
         if final is not None and final > length - 1:
@@ -285,11 +328,12 @@ class QuantizationAwareTraining(Callback):
         if self.interval == "step":  # every step's bitwidth checked before the first step
             steps = trainer.estimated_stepping_batches
             if math.isfinite(steps):  # unbounded runs (max_epochs=-1 with max_time): no end to check
-                for step in range(min(int(steps), 10**6)):
-                    self.schedule(step)
+                bitwidths = {self.schedule(step) for step in range(min(int(steps), 10**6))}
                 self._check_reaches_final_bits(int(steps), "step", f"{int(steps)} training steps")
-        self._install_rewarm_hooks(trainer)
+                self._allow_one_compile_per_bitwidth(bitwidths)
         self._calibrated = False
+        for companion in self.companions:
+            companion.on_train_start(trainer, pl_module)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ensure_attached(pl_module)
@@ -318,20 +362,69 @@ class QuantizationAwareTraining(Callback):
         self._apply(self._position(trainer), trainer, pl_module)  # restored by now when resuming
 
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore_bn_momentum()
         if self.interval == "epoch":
             self._apply(trainer.current_epoch, trainer, pl_module)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        last = trainer.max_epochs is not None and trainer.max_epochs > 0 and trainer.current_epoch >= trainer.max_epochs - 1
-        if self.calibrate_batches and (last or trainer.should_stop):
-            self._calibrate(trainer, pl_module)
+        for companion in self.companions:
+            companion.on_train_epoch_end(trainer, pl_module)
+        self._synchronize(trainer, pl_module)  # before the epoch's checkpoints are written
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore_bn_momentum()
-        self._remove_rewarm_hooks()
+        for companion in self.companions:
+            companion.on_train_end(trainer, pl_module)
         if self.calibrate_batches and not self._calibrated:
             self._calibrate(trainer, pl_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._close_collector()
+        for companion in self.companions:
+            companion.teardown(trainer, pl_module, stage)
+
+    def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
+        self._close_collector()
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        if trainer.state.fn != "fit":  # during fit the training loop has set the bitwidth
+            self.on_test_start(trainer, pl_module)
+        else:
+            self._synchronize(trainer, pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._ensure_attached(pl_module)
+        self._apply(self.epoch if self.epoch is not None else self._position(trainer), trainer, pl_module)
+        self._synchronize(trainer, pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.on_test_start(trainer, pl_module)
+
+    def _apply(self, position: int, trainer: Trainer, pl_module: LightningModule) -> None:
+        bitwidth = self.schedule(position)
+        old = self.bitwidth
+        if self.verbose and bitwidth != old:
+            rank_zero_info(f"QuantizationAwareTraining: {self.interval} {position}, {old} -> {bitwidth} bits")
+        self.epoch, self.bitwidth = position, bitwidth
+        ta.set_bitwidth(pl_module, bitwidth)
+        if bitwidth != old and trainer.training:
+            self._on_bitwidth_change(trainer, pl_module, old, bitwidth)
+
+    def _on_bitwidth_change(self, trainer: Trainer, pl_module: LightningModule, old: int, new: int) -> None:
+        if new < old:
+            for logger in trainer.loggers:
+                logger.log_metrics({"quant/transition": float(new)}, step=trainer.global_step)
+        listeners = [*self.companions, *(c for c in trainer.callbacks if c is not self)]
+        for listener in listeners:
+            hook = getattr(listener, "on_bitwidth_change", None)
+            if callable(hook):
+                hook(trainer, pl_module, old, new)
+
+    # ------------------------------------------------------------ calibration, DDP state
+    def _is_last_training_batch(self, trainer: Trainer, batch_idx: int) -> bool:
+        if trainer.max_steps is not None and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            return True
+        last_epoch = trainer.max_epochs is not None and 0 < trainer.max_epochs <= trainer.current_epoch + 1
+        batches = trainer.num_training_batches
+        return last_epoch and isinstance(batches, int) and batch_idx + 1 >= batches
 
     def _calibrate(self, trainer: Trainer, pl_module: LightningModule) -> None:
         device = pl_module.device
@@ -342,89 +435,18 @@ class QuantizationAwareTraining(Callback):
 
         ranges = calibrate(pl_module, trainer.train_dataloader, forward=forward, max_batches=self.calibrate_batches)
         self._calibrated = True
+        self._synchronize(trainer, pl_module)  # every rank evaluates and checkpoints the same ranges
         if self.verbose:
             rank_zero_info(f"QuantizationAwareTraining: froze {len(ranges)} input ranges on "
                            f"{self.calibrate_batches} training batches (static scales from now on)")
 
-    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
-        self._remove_rewarm_hooks()
-
-    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        if trainer.state.fn != "fit":  # during fit the training loop has set the bitwidth
-            self.on_test_start(trainer, pl_module)
-
-    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._ensure_attached(pl_module)
-        self._apply(self.epoch if self.epoch is not None else self._position(trainer), trainer, pl_module)
-
-    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self.on_test_start(trainer, pl_module)
-
-    def _apply(self, position: int, trainer: Trainer, pl_module: LightningModule) -> None:
-        bitwidth = self.schedule(position)
-        if bitwidth < self.bitwidth and trainer.training:
-            self._on_bitwidth_drop(trainer, pl_module, bitwidth)
-        if self.verbose and bitwidth != self.bitwidth:
-            rank_zero_info(f"QuantizationAwareTraining: {self.interval} {position}, {self.bitwidth} -> {bitwidth} bits")
-        self.epoch, self.bitwidth = position, bitwidth
-        ta.set_bitwidth(pl_module, bitwidth)
-
-    # ------------------------------------------------------------ bitwidth transitions
-    def _on_bitwidth_drop(self, trainer: Trainer, pl_module: LightningModule, bitwidth: int) -> None:
-        for logger in trainer.loggers:
-            logger.log_metrics({"quant/transition": float(bitwidth)}, step=trainer.global_step)
-        if self.bn_reestimate:
-            for module in pl_module.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.track_running_stats:
-                    module.reset_running_stats()
-                    self._bn_momentum.setdefault(module, module.momentum)
-                    module.momentum = None  # a cumulative average of every batch from now on
-        if self.lr_rewarm_steps:
-            self._rewarm_start = trainer.global_step
-
-    def _restore_bn_momentum(self) -> None:
-        for module, momentum in self._bn_momentum.items():
-            module.momentum = momentum
-        self._bn_momentum.clear()
-
-    # The re-warm scales the learning rate only for the duration of each optimizer step,
-    # through the optimizer's own step hooks: a scheduler that steps between two optimizer
-    # steps sets the rate it wants, and the re-warm multiplies that.
-    def _install_rewarm_hooks(self, trainer: Trainer) -> None:
-        self._remove_rewarm_hooks()
-        if not self.lr_rewarm_steps:
+    def _synchronize(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Running and calibrated ranges are reduced over the processes (DDP): every rank
+        evaluates with, and rank zero's checkpoint holds, what every rank uses."""
+        all_reduce = all_reduce_function(trainer)
+        if all_reduce is None or not self._attached_to(pl_module):
             return
-        for optimizer in trainer.optimizers:
-            self._rewarm_handles += [optimizer.register_step_pre_hook(self._rewarm_before_step),
-                                     optimizer.register_step_post_hook(self._rewarm_after_step)]
-
-    def _remove_rewarm_hooks(self) -> None:
-        for handle in self._rewarm_handles:
-            handle.remove()
-        self._rewarm_handles = []
-        self._unscaled_lrs.clear()
-
-    def _update_rewarm_factor(self, trainer: Trainer) -> None:
-        self._rewarm_factor = None
-        if self._rewarm_start is None:
-            return
-        done = trainer.global_step - self._rewarm_start
-        if done >= self.lr_rewarm_steps:
-            self._rewarm_start = None
-            return
-        self._rewarm_factor = (done + 1) / self.lr_rewarm_steps
-
-    def _rewarm_before_step(self, optimizer, args, kwargs) -> None:
-        if self._rewarm_factor is None:
-            return
-        for group in optimizer.param_groups:
-            self._unscaled_lrs.append((group, group["lr"]))
-            group["lr"] = group["lr"] * self._rewarm_factor
-
-    def _rewarm_after_step(self, optimizer, args, kwargs) -> None:
-        for group, lr in self._unscaled_lrs:
-            group["lr"] = lr
-        self._unscaled_lrs.clear()
+        ta.synchronize_quantizers(pl_module, all_reduce)
 
     # ------------------------------------------------------------------------ telemetry
     def _interval(self, trainer: Trainer) -> int:
@@ -436,41 +458,33 @@ class QuantizationAwareTraining(Callback):
                 self._apply(trainer.global_step, trainer, pl_module)
             else:  # unchanged: skip walking the model's modules on every step
                 self.epoch = trainer.global_step
-        self._update_rewarm_factor(trainer)
+        for companion in self.companions:
+            companion.on_train_batch_start(trainer, pl_module, batch, batch_idx)
         step = trainer.global_step
         if trainer.loggers and step % self._interval(trainer) == 0 and step != self._last_logged_step:
-            ta.enable_statistics(pl_module, True)
+            self._close_collector()
+            self._collector = ta.collect_statistics(pl_module).__enter__()
             self._recording_step = step
 
     def on_train_batch_end(
         self, trainer: Trainer, pl_module: LightningModule, outputs: Any, batch: Any, batch_idx: int
     ) -> None:
-        step = self._recording_step
-        if step is None:
-            return
-        ta.enable_statistics(pl_module, False)
-        self._recording_step, self._last_logged_step = None, step
-        metrics = self._collect(trainer, pl_module, step)
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
-        histogram_interval = self.log_histograms_every_n_steps
-        if histogram_interval and step % histogram_interval == 0:
-            self._log_histograms(trainer, pl_module, step)
+        if self._recording_step is not None:
+            self._log_statistics(trainer, pl_module)
+        if self.calibrate_batches and not self._calibrated and self._is_last_training_batch(trainer, batch_idx):
+            self._calibrate(trainer, pl_module)
 
-    def _collect(self, trainer: Trainer, pl_module: LightningModule, step: int) -> dict[str, float]:
-        tags, values = [], []
-        for layer, kinds in ta.statistics(pl_module).items():
-            for kind, stats in kinds.items():
-                for stat in STAT_NAMES:
-                    tags.append(f"quant/{layer}/{kind}/{stat}")
-                    values.append(stats[stat])
-        if not values:
-            return {"quant/bitwidth": float(self.bitwidth)}
-        stacked = torch.stack(values)
-        # One collective for all statistics: input statistics differ per rank (own batch).
-        stacked = trainer.strategy.reduce(stacked, reduce_op="mean")
-        host = stacked.tolist()  # the one host-device sync, on logging steps only
-        metrics = dict(zip(tags, host))
+    def _close_collector(self) -> None:
+        if self._collector is not None:
+            self._collector.close()
+            self._collector = None
+
+    def _log_statistics(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        step, collector = self._recording_step, self._collector
+        self._close_collector()
+        self._recording_step, self._last_logged_step = None, step
+        # One collective of a fixed size on every rank, whichever layers ran there.
+        metrics = collector.reduced(all_reduce_function(trainer), device=pl_module.device)
         for tag, value in metrics.items():
             if not math.isfinite(value):
                 layer = tag.split("/")[1:-2]
@@ -480,7 +494,11 @@ class QuantizationAwareTraining(Callback):
                     "raise the bitwidth or exclude the layer."
                 )
         metrics["quant/bitwidth"] = float(self.bitwidth)
-        return metrics
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+        histogram_interval = self.log_histograms_every_n_steps
+        if histogram_interval and step % histogram_interval == 0:
+            self._log_histograms(trainer, pl_module, step)
 
     @torch.no_grad()
     def _log_histograms(self, trainer: Trainer, pl_module: LightningModule, step: int) -> None:
@@ -492,34 +510,69 @@ class QuantizationAwareTraining(Callback):
             weight = getattr(layer, "weight", None)
             if quantizer is None or weight is None:
                 continue
-            error = quantizer.fake_quantize_with_scale(weight)[0] - weight
+            error = quantizer.fake_quantize(weight)[0] - weight
             for logger in loggers:
                 logger.experiment.add_histogram(f"quant/{layer_name}/weight/values", weight, step)
                 logger.experiment.add_histogram(f"quant/{layer_name}/weight/error", error, step)
 
     def __getstate__(self) -> dict[str, Any]:
-        # A weak reference and hook handles cannot be pickled (ddp_spawn pickles callbacks):
-        # setup() finds the module again in the new process, on_train_start the optimizers.
-        return {**self.__dict__, "_module": None, "_rewarm_handles": []}
+        # A weak reference and an open collector cannot be pickled (ddp_spawn pickles
+        # callbacks): setup() finds the module again in the new process.
+        return {**self.__dict__, "_module": None, "_collector": None, "_recording_step": None}
 
     # --------------------------------------------------------------------- checkpoints
     def state_dict(self) -> dict[str, Any]:
-        # Plain Python types and tensors only: checkpoints must load under
-        # torch.load(weights_only=True). The quantizers' own tensors (running ranges) live
-        # here, not in the model's state dict, which keeps the plain model's keys.
+        """Plain Python types and tensors (loads with ``torch.load(weights_only=True)``): the
+        epoch and bitwidth, the whole quantization (each quantizer's spec and its running or
+        calibrated ranges: :func:`torchapprox.quantization_state`) and the companions'
+        states. The model's state dict keeps the plain model's keys."""
         module = self._module() if self._module is not None else None
-        tensors = {k: v.cpu() for k, v in ta.quantizer_state(module).items()} if module is not None else {}
-        return {"epoch": self.epoch, "bitwidth": int(self.bitwidth), "quantizer_state": tensors}
+        quantization = ta.quantization_state(module) if module is not None and ta.quantized_layers(module) else None
+        return {"epoch": self.epoch, "bitwidth": int(self.bitwidth), "quantization": quantization,
+                "calibrated": self._calibrated,
+                "companions": {type(c).__name__: c.state_dict() for c in self.companions}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.epoch = state_dict.get("epoch")
         self.bitwidth = state_dict.get("bitwidth", self.bitwidth)
-        tensors = dict(state_dict.get("quantizer_state") or {})
+        self._calibrated = bool(state_dict.get("calibrated", False))
+        for companion in self.companions:
+            saved = (state_dict.get("companions") or {}).get(type(companion).__name__)
+            if saved is not None:
+                companion.load_state_dict(saved)
         module = self._module() if self._module is not None else None
         if module is not None and ta.quantized_layers(module):
-            ta.load_quantizer_state(module, tensors)  # restored after setup() attached
+            self._load_quantization(module, state_dict)  # restored after setup() attached
         else:
-            self._pending_quantizer_state = tensors
+            self._pending_state = state_dict
+
+    def _load_quantization(self, module: LightningModule, state_dict: dict[str, Any]) -> None:
+        quantization = state_dict.get("quantization")
+        if quantization is None:  # a checkpoint of torchapprox 0.2: the ranges alone
+            ta.load_quantizer_state(module, dict(state_dict.get("quantizer_state") or {}))
+            return
+        _check_same_quantization(module, quantization)
+        ta.load_quantizer_state(module, dict(quantization.get("tensors") or {}))
+
+
+def _check_same_quantization(module: LightningModule, saved: Mapping[str, Any]) -> None:
+    """A checkpoint resumes the quantization it was trained with: specs that differ (other
+    than the bits the schedule sets) are an error naming the first difference."""
+    current = ta.quantization_state(module)["layers"]
+    for layer, tensors in saved.get("layers", {}).items():
+        for tensor, entry in tensors.items():
+            now = current.get(layer, {}).get(tensor)
+            if now is None:
+                raise ValueError(f"QuantizationAwareTraining: the checkpoint quantized {layer}.{tensor}, which this run "
+                                 "does not: resume with the quantization options it was trained with")
+            was, is_ = dict(entry["spec"]), dict(now["spec"])
+            if not entry.get("pinned"):
+                was.pop("bits"), is_.pop("bits")
+            if was != is_:
+                field = next(k for k in was if was[k] != is_.get(k))
+                raise ValueError(f"QuantizationAwareTraining: the checkpoint quantized {layer}.{tensor} with "
+                                 f"{field}={was[field]!r}, this run with {field}={is_.get(field)!r}: resume with the "
+                                 "quantization options it was trained with")
 
 
 def _check_interval(value: object, name: str) -> int | None:
@@ -546,8 +599,4 @@ class _ConfigureThenAttach:
         self.callback.attach(self.module)
 
 
-def _quantizer_buffer_names(model: nn.Module):
-    for name, module in model.named_modules():
-        if isinstance(module, ApproxQuantizer):
-            for buffer_name in module._buffers:
-                yield (f"{name}.{buffer_name}" if name else buffer_name), module
+__all__ = ["QuantizationAwareTraining", "STAT_NAMES"]

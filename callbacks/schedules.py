@@ -89,13 +89,18 @@ class StepBitwidth(BitwidthSchedule):
         The config's schedules use this, so that they fit any ``trainer.max_epochs``
         (integer keys, so that one can be overridden: ``schedule.milestones_percent.67=2``)."""
         epochs = _check_epoch(epochs, "epochs")
-        converted = {}
-        for percent, bits in milestones_percent.items():
+        converted, sources = {}, {}
+        for percent, bits in sorted(milestones_percent.items(), key=lambda item: float(item[0])):
             value = float(percent)
             if not 0 <= value < 100:
                 raise ValueError(f"milestone percentages must lie in [0, 100), got {percent!r}")
             # The last epoch at the latest: in a short run a late milestone still happens.
-            converted[min(_round_half_up(value / 100 * epochs), max(epochs - 1, 0))] = bits
+            epoch = min(_round_half_up(value / 100 * epochs), max(epochs - 1, 0))
+            if epoch in converted:  # two phases in one epoch: one of them would vanish
+                raise ValueError(f"milestones {sources[epoch]:g}% and {value:g}% both fall on epoch {epoch} of a "
+                                 f"{epochs}-epoch run, so the {converted[epoch]}-bit phase would disappear: use "
+                                 "fewer milestones or a longer run")
+            converted[epoch], sources[epoch] = bits, value
         return cls(converted)
 
     def bits_at(self, epoch: int) -> int:

@@ -3,6 +3,7 @@
     python -m experiments.export outputs/<run>                # dynamic input scales
     python -m experiments.export outputs/<run> --static       # constant (calibrated) input scales
     python -m experiments.export outputs/<run> --latency      # also time float vs QDQ in ONNX Runtime
+    python -m experiments.export outputs/<run> --latency --threads 2   # ONNX Runtime's intra-op threads (default 1)
 
 Loads the run's final checkpoint (checkpoints/last.ckpt, the end of its last epoch) with
 the bitwidth it trained at, writes RUN_DIR/model.onnx, runs it in ONNX Runtime on the run's
@@ -32,11 +33,10 @@ from omegaconf import OmegaConf
 import torchapprox as ta
 from experiments.console import quiet_third_party
 from experiments.module import Classifier
+from callbacks.checkpoint import quantization_from_checkpoint, restore_quantized
 from torchapprox.calibration import calibrate
 from torchapprox.export import export_onnx
 from torchapprox.export.onnx import strip_debug_info
-
-STATE_KEY = "QuantizationAwareTraining"
 
 
 class ExportError(Exception):
@@ -59,27 +59,25 @@ def load_run(run_dir: Path):
         checkpoint = torch.load(checkpoint_path, weights_only=True, map_location="cpu")
     except Exception as error:  # noqa: BLE001 - any unreadable file is the same answer
         raise ExportError(f"{checkpoint_path} is not a readable checkpoint ({type(error).__name__})") from None
-    state = checkpoint.get("callbacks", {}).get(STATE_KEY)
-    if state is None or not cfg.get("callbacks") or not cfg.callbacks.get("qat"):
+    if (checkpoint.get("callbacks") or {}).get("QuantizationAwareTraining") is None:
         raise ExportError(f"{checkpoint_path} holds no quantization state: the run trained in float "
                           "(without callbacks.qat), there is nothing quantized to export")
-    model = instantiate(cfg.model, _convert_="all")
-    model.load_state_dict(checkpoint["state_dict"], strict=True)
-    qat = instantiate(cfg.callbacks.qat, _convert_="all")
-    qat.verbose = False
-    qat.attach(model)
-    qat.load_state_dict(state)
-    ta.set_bitwidth(model, qat.bitwidth)
-    model.eval()
+    try:
+        state = quantization_from_checkpoint(checkpoint)
+        # The checkpoint records every quantizer's options and bits: the model comes back
+        # exactly as it was evaluated, whatever the config's defaults say.
+        model = restore_quantized(instantiate(cfg.model, _convert_="all"), checkpoint)
+    except ValueError as error:
+        raise ExportError(f"{checkpoint_path}: {error}") from None
     datamodule = instantiate(cfg.data, _convert_="all")
     datamodule.setup("test")
-    return model, datamodule, qat, checkpoint_path
+    return model, datamodule, state, checkpoint_path
 
 
 def unexportable(model, run_dir: Path) -> str | None:
     """Why this run cannot be exported and evaluated here, in one line, or None."""
-    if any(isinstance(q, ta.MinMaxQuant) and q.axis == "token" for q in model.modules()):
-        return (f"{run_dir} quantized its inputs with one scale per token (callbacks.qat.per_token_inputs=true): "
+    if any(isinstance(q, ta.ApproxQuantizer) and q.spec.granularity == "per_token" for q in model.modules()):
+        return (f"{run_dir} quantized its inputs with one scale per token (callbacks.qat.input.granularity=per_token): "
                 "ONNX QDQ takes one scale per tensor, so it cannot be exported")
     if not isinstance(model, Classifier):
         return (f"{run_dir} trained {type(model).__name__}, not a classifier: this command measures test accuracy; "
@@ -118,11 +116,17 @@ def export_float(model, example: torch.Tensor, path: Path) -> Path:
     return path
 
 
-def latency(paths: dict[str, Path], example: np.ndarray, rounds: int = 200) -> dict[str, float]:
-    """Median milliseconds per run of each model on ``example``, the models interleaved."""
+def latency(paths: dict[str, Path], example: np.ndarray, rounds: int = 200, threads: int = 1) -> dict[str, float]:
+    """Median milliseconds per run of each model on ``example``, the models interleaved, each
+    session on ``threads`` intra-op threads (pinned: ONNX Runtime's default, one per core,
+    makes the figures depend on whatever else the machine runs)."""
     import onnxruntime as ort
 
-    sessions = {name: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for name, p in paths.items()}
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    sessions = {name: ort.InferenceSession(str(p), options, providers=["CPUExecutionProvider"])
+                for name, p in paths.items()}
     feeds = {name: {s.get_inputs()[0].name: example} for name, s in sessions.items()}
     for name, session in sessions.items():
         for _ in range(10):
@@ -142,10 +146,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("run_dir", type=Path, help="a run dir of experiments.train (outputs/<time>)")
     parser.add_argument("--static", action="store_true", help="constant input scales (calibrated ranges)")
     parser.add_argument("--latency", action="store_true", help="time float, dynamic and static QDQ models")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="ONNX Runtime intra-op threads for --latency (default 1: figures that background "
+                             "load does not move)")
     args = parser.parse_args(argv)
+    if args.threads < 1:
+        print(f"Error: --threads must be an int >= 1, got {args.threads}", file=sys.stderr)
+        return 2
     quiet_third_party()
     try:
-        model, datamodule, qat, checkpoint_path = load_run(args.run_dir)
+        model, datamodule, state, checkpoint_path = load_run(args.run_dir)
     except ExportError as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
@@ -156,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     test_loader = datamodule.test_dataloader()
     example = next(iter(test_loader))[0]
     frozen = [q for q in ta.quantizer_state(model) if q.endswith("static_range")]
+    bits = sorted({q.bitwidth for q in model.modules() if isinstance(q, ta.ApproxQuantizer)})
     if args.static and not frozen:
         ranges = calibrate(model, datamodule.train_dataloader())
         print(f"calibrated {len(ranges)} input ranges on the training split")
@@ -176,8 +187,8 @@ def main(argv: list[str] | None = None) -> int:
     running = any(isinstance(q, ta.MinMaxQuant) and q.stored_range() is not None for q in model.modules())
     scales = ("static (calibrated)" if args.static else
               "constant (running-average ranges)" if running else "dynamic (from each tensor's range)")
-    print(f"wrote {path}: QDQ, {qat.bitwidth} bits, {scales} input scales (from {checkpoint_path.name}, "
-          f"epoch {qat.epoch})")
+    print(f"wrote {path}: QDQ, {state['bitwidth']} bits{f' (per layer: {bits})' if len(bits) > 1 else ''}, "
+          f"{scales} input scales (from {checkpoint_path.name}, epoch {state['epoch']})")
     print(f"test accuracy: ONNX Runtime {accuracy:.4f}, PyTorch {torch_accuracy:.4f}, metrics.json "
           f"{recorded if recorded is not None else 'n/a'}")
     with tempfile.TemporaryDirectory() as scratch:
@@ -195,8 +206,8 @@ def main(argv: list[str] | None = None) -> int:
                 calibrate(model, datamodule.train_dataloader())
                 paths = {"QDQ dynamic": path, "QDQ static": export_onnx(model, example, other)}
             paths["float"] = float_path
-            times = latency(paths, example.numpy())
-            print(f"ONNX Runtime latency, batch {len(example)}, median of interleaved runs: "
+            times = latency(paths, example.numpy(), threads=args.threads)
+            print(f"ONNX Runtime latency, batch {len(example)}, {args.threads} thread(s), median of interleaved runs: "
                   + ", ".join(f"{name} {ms:.3f} ms ({ms / times['float']:.2f}x float)" for name, ms in times.items()))
     return 0
 

@@ -38,6 +38,7 @@ from callbacks import QuantizationAwareTraining
 from callbacks.schedules import epoch_at
 from experiments import run_dir as run_dirs
 from experiments.checkpoint_io import AtomicCheckpointIO
+from experiments.command_line import check_or_exit
 from experiments.console import quiet_third_party
 from experiments.run_dir import FAILURE_FILE, INTERRUPTED_FILE, METRICS_FILE
 
@@ -233,6 +234,10 @@ def check_config(cfg: DictConfig) -> None:
     if unknown:
         raise KeyError(f"unknown top-level config key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
                        f"the keys are: {', '.join(TOP_LEVEL_KEYS)}")
+    bits = cfg.get("bits")
+    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 32:
+        # Checked here, so that the message names `bits` rather than a schedule field it fills.
+        raise ValueError(f"`bits` must be an int in 2..32, got {bits!r}")
     max_epochs = cfg.trainer.get("max_epochs")
     if isinstance(max_epochs, bool) or not isinstance(max_epochs, int) or max_epochs < 1:
         raise ValueError(f"`trainer.max_epochs` must be an int >= 1, got {max_epochs!r}")
@@ -322,6 +327,7 @@ def entry() -> None:
     """The command: a run or a sweep, ending with 128 + the signal's number when interrupted
     (after writing the summary of a sweep's finished jobs)."""
     install_signal_handlers()
+    check_or_exit(sys.argv[1:])  # a misspelled key: one line and exit 2, before Hydra's advice
     try:
         main()
     except Interrupted as interrupted:

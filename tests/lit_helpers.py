@@ -75,7 +75,7 @@ class BitwidthProbe(Callback):
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
         self.train.setdefault(trainer.current_epoch, set()).update(self._bits(pl_module))
-        if any(q.record_statistics for q in pl_module.modules() if isinstance(q, ta.ApproxQuantizer)):
+        if any(q._collector is not None for q in pl_module.modules() if isinstance(q, ta.ApproxQuantizer)):
             self.recording_steps.append(trainer.global_step)
 
     def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):

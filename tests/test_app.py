@@ -151,7 +151,8 @@ def test_recipes_compose(recipe, schedule, overrides, grid):
 def test_lowbit_experiment_preset_is_the_lowbit_recipe():
     preset, recipe = config("+experiment=lowbit", "bits=2"), config("+recipe=lowbit", "bits=2")
     assert OmegaConf.to_container(preset, resolve=True) == OmegaConf.to_container(recipe, resolve=True)
-    assert preset.callbacks.qat.bitwidth_overrides == {"net.features.0": 8, "net.classifier": 8}
+    rules = OmegaConf.to_container(preset.callbacks.qat.rules)
+    assert rules == {"net.features.0": {"bits": 8}, "net.classifier": {"bits": 8}}
 
 
 def test_fp32_recipe_and_results_preset(tmp_path):
@@ -231,7 +232,8 @@ def test_csv_logger_run(tmp_path):
 @pytest.mark.parametrize(
     "overrides, error, message",
     [
-        (["bits=40"], "InstantiationException", r"must be an int in 2\.\.32, got 40"),
+        (["bits=40"], "ValueError", r"`bits` must be an int in 2\.\.32, got 40"),
+        (["bits=1"], "ValueError", r"`bits` must be an int in 2\.\.32, got 1"),
         (["schedule=constant", "schedule.bits=1"], "InstantiationException", r"`bits` must be an int in 2\.\.32, got 1"),
         (["trainer.max_epochs=-3"], "ValueError", r"`trainer.max_epochs` must be an int >= 1, got -3"),
         (["schedule=linear", "schedule.start_epoch=-1"], "InstantiationException", r"`start_epoch` must be an int epoch >= 0, got -1"),

@@ -219,7 +219,8 @@ def test_same_seed_and_config_give_the_same_metrics_whatever_the_launcher_and_co
 def test_ddp_in_a_sweep_writes_one_summary_and_tests_every_sample_once(tmp_path):
     sweep_dir = tmp_path / "sweep"
     # 505 samples: a 76-sample test split, which a 2-rank sampler would pad to 78
-    result = app("-m", *FAST, "trainer=ddp_cpu", "trainer.max_epochs=2", "data.num_samples=505", "bits=4,8",
+    result = app("-m", *FAST, "trainer=ddp_cpu", "trainer.max_epochs=2", "schedule=linear", "data.num_samples=505",
+                 "bits=4,8",
                  f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("sweep summary:") == 1
@@ -239,9 +240,15 @@ def test_a_schedule_that_cannot_reach_its_bits_stops_before_training(tmp_path):
 
 
 def test_config_schedules_reach_the_bits_of_a_short_run(tmp_path):
-    result = app(*FAST, "trainer.max_epochs=2", "bits=3", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    result = app(*FAST, "trainer.max_epochs=2", "schedule=linear", "bits=3", f"hydra.run.dir={tmp_path}/run",
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["bitwidth"] == 3
+    # The step schedule's three phases cannot fit two epochs: an error, not a vanished phase.
+    result = app(*FAST, "trainer.max_epochs=2", "bits=3", f"hydra.run.dir={tmp_path}/step", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "Error: ValueError: milestones 33% and 67% both fall on epoch 1 of a 2-epoch run")
 
 
 def test_divergence_without_a_logger_fails_the_run(tmp_path):

@@ -113,7 +113,10 @@ def test_resume_mid_anneal_continues_at_the_scheduled_bitwidth(tmp_path):
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
     fit(tmp_path, schedule, max_epochs=2, extra_callbacks=[checkpoint])
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)  # plain types only
-    assert state["callbacks"]["QuantizationAwareTraining"] == {"epoch": 1, "bitwidth": 12, "quantizer_state": {}}
+    saved = state["callbacks"]["QuantizationAwareTraining"]
+    assert (saved["epoch"], saved["bitwidth"], saved["quantization"]["tensors"]) == (1, 12, {})
+    # The options it needs to rebuild the model travel with it (the specs at their current bits).
+    assert saved["quantization"]["layers"]["net.0"]["input"]["spec"] == ta.QuantSpec(bits=12, grid="auto").to_dict()
 
     probe = BitwidthProbe()
     trainer = make_trainer(tmp_path, [QuantizationAwareTraining(schedule), probe], max_epochs=EPOCHS,
@@ -374,7 +377,8 @@ def test_running_ranges_live_in_the_callback_state_and_survive_a_restart(tmp_pat
                        ranges["net.0.input_quantizer.running_range"])
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert list(state["state_dict"]) == ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias"]
-    saved = next(v for k, v in state["callbacks"].items() if "QuantizationAwareTraining" in k)["quantizer_state"]
+    saved = next(v for k, v in state["callbacks"].items() if "QuantizationAwareTraining" in k)
+    saved = saved["quantization"]["tensors"]
     assert all(torch.equal(saved[k], ranges[k]) for k in ranges)
     # a fresh process: new model, new callback, the checkpoint's ranges in evaluation
     fresh = TinyClassifier()

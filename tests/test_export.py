@@ -39,6 +39,14 @@ def assert_same_numbers(actual, expected, rows_apart_at_most=0.01):
     assert difference.max() <= 0.02 * scale
 
 
+def assert_same_predictions(actual, expected):
+    """argmax agrees wherever the top two logits are not tied: at 2-3 bits logits sit on a
+    coarse lattice, and an exact tie is decided by float rounding in either runtime."""
+    top2 = np.sort(expected, axis=1)[:, -2:]
+    decided = (top2[:, 1] - top2[:, 0]) > 1e-4 * np.abs(expected).max()
+    assert (actual.argmax(1) == expected.argmax(1))[decided].all()
+
+
 def initializer_types(path):
     model = onnx.load(str(path))
     return {i.name: i.data_type for i in model.graph.initializer}, [n.op_type for n in model.graph.node]
@@ -96,15 +104,18 @@ def test_digits_cnn_runs_in_onnx_runtime_with_the_trained_numbers(bits, attach, 
     with torch.no_grad():
         expected = model(x_test)
     actual = run_onnx(path, x_test)  # the whole split at once: the batch dimension is dynamic
-    assert_same_numbers(actual, expected.numpy())
-    assert (actual.argmax(1) == expected.argmax(1).numpy()).all()  # identical predictions on the test split
+    # A few rows a level apart: ORT's conv sums in another order than torch's (how many
+    # depends on the CPU's kernels: 1.0% of rows on an AVX-512 VNNI machine).
+    assert_same_numbers(actual, expected.numpy(), rows_apart_at_most=0.02)
+    assert_same_predictions(actual, expected.numpy())  # identical predictions on the test split
     assert (actual.argmax(1) == y_test.numpy()).mean() > 0.8
     types, ops = initializer_types(path)
     for name in ("conv1", "conv2", "head"):
         assert types[f"{name}.weight_quantizer.levels"] == INT8  # integer weights, then DequantizeLinear
         assert f"{name}.weight" not in types  # no float copy of them
     assert ops.count("QuantizeLinear") == 3 and ops.count("DequantizeLinear") == 6
-    assert ("Clip" in ops) == static and ("ReduceMax" in ops) != static  # constant scales or computed ones
+    assert ("ReduceMax" in ops) != static  # constant scales, or computed in the graph
+    assert not static or "Clip" in ops  # a calibrated range clips
 
 
 def test_integer_types_follow_the_bitwidth_and_the_grid(tmp_path):
@@ -164,18 +175,19 @@ def test_bias_rounding_follows_the_input_scale_and_passes_the_gradient():
     model = nn.Sequential(layer)
     ta.attach(model, 4, per_channel_weights=True)
     x = torch.randn(5, 8)
-    from torchapprox.layers import quantized_bias, quantized_weight_and_scale
-    _, weight_scale = quantized_weight_and_scale(layer)
-    assert quantized_bias(layer, layer.bias, weight_scale) is layer.bias  # dynamic input scale: float bias
+    from torchapprox.layers import quantized_bias, quantized_weight_and_qparams
+    _, weight_qparams = quantized_weight_and_qparams(layer)
+    dynamic = layer.input_quantizer.qparams(x)
+    assert quantized_bias(layer.bias, weight_qparams, dynamic) is layer.bias  # dynamic input scale: float bias
     ta.calibrate(model, [x])
-    bias = quantized_bias(layer, layer.bias, weight_scale)
+    bias = quantized_bias(layer.bias, weight_qparams, layer.input_quantizer.qparams(x))
     step = (x.abs().max() / 7) * layer.weight.detach().abs().amax(dim=1) / 7  # s_input * s_weight, per channel
     assert torch.allclose(bias, torch.round(layer.bias.detach() / step) * step, rtol=1e-6)
     assert not torch.equal(bias, layer.bias)
     (grad,) = torch.autograd.grad(bias.sum(), layer.bias)
     assert torch.equal(grad, torch.ones(3))  # straight through
     with torch.no_grad():  # the layer uses it
-        expected = nn.functional.linear(layer.input_quantizer(x), quantized_weight_and_scale(layer)[0], bias)
+        expected = nn.functional.linear(layer.input_quantizer(x), quantized_weight_and_qparams(layer)[0], bias)
         assert torch.equal(model(x), expected)
 
 
@@ -257,7 +269,7 @@ def test_the_callback_calibrates_at_the_end_and_the_ranges_survive_a_restart(tmp
     ranges = ta.quantizer_state(model)
     assert set(ranges) == {"net.0.input_quantizer.static_range", "net.2.input_quantizer.static_range"}
     state = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
-    saved = state["callbacks"]["QuantizationAwareTraining"]["quantizer_state"]
+    saved = state["callbacks"]["QuantizationAwareTraining"]["quantization"]["tensors"]
     assert all(torch.equal(saved[k], ranges[k]) for k in ranges)
     fresh = TinyClassifier()
     make_trainer(tmp_path / "again", [QuantizationAwareTraining(4)]).test(

@@ -65,6 +65,13 @@ def test_bad_axis_is_rejected():
 
 
 # ------------------------------------------------------------------------------ layer types
+def fq_transposed_weight(weight, groups):
+    """Per-channel fake quantization of a ConvTranspose weight [in, out/groups, ...]: one scale
+    per output channel, i.e. per column of each group's own block of rows."""
+    blocks = weight.chunk(groups, dim=0)
+    return torch.cat([fq(block, 1) for block in blocks], dim=0)
+
+
 def _attached(layer, per_channel, **kwargs):
     reference = copy.deepcopy(layer)
     ta.attach(layer, BITS, per_channel_weights=per_channel, **kwargs)
@@ -85,7 +92,8 @@ def test_conv_transpose(dims, kwargs, output_size, per_channel):
     out = layer(x, output_size) if output_size else layer(x)
     functional = {1: F.conv_transpose1d, 2: F.conv_transpose2d, 3: F.conv_transpose3d}[dims]
     output_padding = kwargs.get("output_padding", 0) if output_size is None else 1
-    expected = functional(fq(x), fq(ref.weight, 1 if per_channel else None), ref.bias, kwargs["stride"],
+    weight = fq_transposed_weight(ref.weight, kwargs.get("groups", 1)) if per_channel else fq(ref.weight)
+    expected = functional(fq(x), weight, ref.bias, kwargs["stride"],
                           kwargs["padding"], output_padding, kwargs.get("groups", 1), kwargs.get("dilation", 1))
     assert torch.allclose(out, expected, atol=1e-5)
     out.square().sum().backward()

@@ -104,7 +104,7 @@ def test_the_app_trains_the_language_model_and_reports_bits_per_byte(tmp_path):
     export = subprocess.run([sys.executable, "-m", "experiments.export", str(run_dir)], cwd=tmp_path,
                             capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert export.returncode == 2, export.stderr[-2000:]
-    assert "one scale per token (callbacks.qat.per_token_inputs=true)" in export.stderr
+    assert "one scale per token (callbacks.qat.input.granularity=per_token)" in export.stderr
     assert "Traceback" not in export.stderr and not (run_dir / "model.onnx").exists()
 
 

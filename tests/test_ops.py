@@ -90,14 +90,15 @@ def _every_path(x: torch.Tensor, grid: str = "signed"):
     fake = q(x)
     yield fake, q.scale_factor
     yield q.quantize(x) / q.scale_factor, q.scale_factor
-    yield q.fake_quantize_with_scale(x)
+    x_fake, qp = q.fake_quantize(x)  # the contract: (values, quantization parameters)
+    yield x_fake, 1 / qp.scale
     yield reference.fake_quantize(x, 8, grid, [])  # the plain ops every other device runs
     yield OPS.fake_quantize(x, 8, grid, [])
     layer = torch.nn.Linear(x.shape[-1], 2, dtype=x.dtype)
     ta.attach(layer, 8, weights=False, activation_grid=grid)
-    ta.enable_statistics(layer)
-    layer(x)
-    stats = layer.input_quantizer.last_statistics
+    with ta.collect_statistics(layer) as collector:
+        layer(x)
+    stats = collector.results()[""]["input"]
     yield torch.full_like(x, stats["mse"].item()), stats["scale_factor"]
 
 

@@ -193,13 +193,13 @@ def test_multihead_attention_with_keyword_inputs_and_distinct_key_value():
     query, key, value = torch.randn(2, 4, 8), torch.randn(2, 3, 6), torch.randn(2, 3, 5)
     names = ta.attach(attn, 8)
     assert names == ["", "out_proj"]
-    ta.enable_statistics(attn)
-    out, _ = attn(query=query, key=key, value=value)
+    with ta.collect_statistics(attn) as stats:
+        out, _ = attn(query=query, key=key, value=value)
     assert out.shape == (2, 4, 8)
-    scale = lambda q: q.last_statistics["scale_factor"].item()  # noqa: E731
-    assert scale(attn.key_quantizer) == pytest.approx(127 / key.abs().max().item(), rel=1e-6)
-    assert scale(attn.value_quantizer) == pytest.approx(127 / value.abs().max().item(), rel=1e-6)
-    assert scale(attn.q_proj_weight_quantizer) == pytest.approx(127 / attn.q_proj_weight.abs().max().item(), rel=1e-6)
+    scale = lambda name: stats.tensors()[""][name]["scale_factor"].item()  # noqa: E731
+    assert scale("key") == pytest.approx(127 / key.abs().max().item(), rel=1e-6)
+    assert scale("value") == pytest.approx(127 / value.abs().max().item(), rel=1e-6)
+    assert scale("q_proj_weight") == pytest.approx(127 / attn.q_proj_weight.abs().max().item(), rel=1e-6)
 
 
 def test_transformer_encoder_layer_is_quantized_on_its_inference_fast_path():

@@ -4,25 +4,34 @@ from .calibration import calibrate
 from .coverage import coverage, coverage_summary
 from .export import export_onnx
 from .layers import register_layer
-from .qat import (attach, detach, enable_statistics, load_quantizer_state, quantized_layers, quantizer_state,
-                  set_bitwidth, statistics)
-from .quantizers import ApproxQuantizer, MinMaxQuant
+from .qat import (attach, detach, load_quantizer_state, quantization_state, quantized_layers, quantizer_state,
+                  restore_quantization, set_bitwidth, synchronize_quantizers)
+from .quantizers import ApproxQuantizer, MinMaxQuant, QParams, register_quantizer
+from .spec import QuantSpec
+from .statistics import collect_statistics, enable_statistics, statistics
 
 __all__ = [
     "ApproxQuantizer",
     "MinMaxQuant",
+    "QParams",
+    "QuantSpec",
     "attach",
     "calibrate",
+    "collect_statistics",
     "coverage",
     "coverage_summary",
     "detach",
     "enable_statistics",
     "export_onnx",
     "load_quantizer_state",
+    "quantization_state",
     "quantized_layers",
     "quantizer_state",
     "register_layer",
+    "register_quantizer",
+    "restore_quantization",
     "set_bitwidth",
     "statistics",
+    "synchronize_quantizers",
 ]
-__version__ = "0.2.0"
+__version__ = "0.3.0"

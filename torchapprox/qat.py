@@ -1,100 +1,88 @@
-"""How quantizers sit on a model: attach, set_bitwidth, statistics, detach (torch only).
-
-Every layer whose type is registered in ``torchapprox.layers`` (Linear, Conv, ConvTranspose,
-Embedding, EmbeddingBag, MultiheadAttention, RNN/LSTM/GRU, transformers' Conv1D, and any
-type a user registers) gets ``MinMaxQuant`` submodules: ``<weight>_quantizer`` for each of
-its weights and ``<input>_quantizer`` for each of its float inputs. How they act, and why
-this way:
-
-- The float master weights stay where they were (Parameters of the same modules, or the
-  originals behind a parametrization or pruning), so an optimizer built earlier keeps
-  training them, ``state_dict()`` keeps exactly the plain model's keys, and every route that
-  changes a weight (any optimizer implementation, ``.data`` writes, ``load_state_dict``) is
-  seen by the next forward: nothing is cached.
-- The layer's ``forward`` is replaced at the instance by its registered quantized forward,
-  which passes quantized tensors explicitly to the functional op (``F.linear``,
-  ``torch.convolution``, ...). A forward pass writes nothing to any module (statistics, when
-  turned on, excepted), so a model can serve several threads at once. The model's own
-  ``forward`` is never touched: several inputs and keyword arguments keep working.
-- Each quantized layer also carries a forward pre-hook that does nothing: its presence is
-  what makes torch's fused Transformer inference path (``nn.TransformerEncoderLayer`` in
-  eval mode), which reads weights directly and would skip quantization, step aside.
-"""
-
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import functools
 import warnings
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
 from .layers import find_layer_type
+from .layers.functional import quantizer_of
 from .layers.registry import LayerType
-from .quantizers import ApproxQuantizer, MinMaxQuant
+from .quantizers import ApproxQuantizer
 from .quantizers.approx_quantizer import check_bitwidth
-from .quantizers.minmax_quantizer import EVAL_RANGES, GRIDS
-from .validation import check_bool, check_overrides, check_patterns, check_range_gradient
+from .quantizers.registry import build_quantizer
+from .shortcuts import apply_shortcuts
+from .spec import LayerSpecs, QuantSpec, as_spec, check_rules, patterns_matching_nothing, resolve
+from .statistics import enable_statistics, statistics
+from .validation import check_bool, check_patterns
 
 # Attributes attach() leaves on a layer; detach() removes exactly these.
 _WEIGHTS_ATTR = "_torchapprox_weights"  # names of the layer's quantized weights
+_INPUTS_ATTR = "_torchapprox_inputs"  # names of the layer's quantized inputs
 _HOOK_ATTR = "_torchapprox_hook_id"
 _NESTED_ATTR = "_torchapprox_use_nested_tensor"
 
 
 def attach(
     model: nn.Module,
-    bitwidth: int = 8,
+    bitwidth: int | None = None,
     *,
+    weight: QuantSpec | Mapping[str, Any] | None = None,
+    input: QuantSpec | Mapping[str, Any] | None = None,
+    rules: Mapping[str, Mapping[str, Any]] | None = None,
+    exclude: str | Iterable[str] = (),
     weights: bool = True,
     activations: bool = True,
-    exclude: str | Iterable[str] = (),
     bitwidth_overrides: Mapping[str, int] | None = None,
-    activation_grid: str = "signed",
-    recompute_inputs: bool = True,
-    per_channel_weights: bool = False,
-    range_gradient: bool | str = False,
-    eval_range: str = "batch",
-    per_token_inputs: bool = False,
+    activation_grid: str | None = None,
+    recompute_inputs: bool | None = None,
+    per_channel_weights: bool | None = None,
+    range_gradient: bool | str | None = None,
+    eval_range: str | None = None,
+    per_token_inputs: bool | None = None,
 ) -> list[str]:
-    """Put ``MinMaxQuant`` quantizers on the weights and inputs of ``model``'s layers.
+    """Put quantizers on the weights and inputs of ``model``'s layers, as specs describe.
+
+    All or nothing: when anything is wrong (a bad spec, a rule that cannot apply to a
+    layer, a lazy layer) it raises and the model is exactly as it was.
 
     Args:
         model: any ``nn.Module``; changed in place.
-        bitwidth: bits of every quantizer, an int in 2..32.
-        weights: quantize the weights of each layer.
-        activations: quantize the float inputs of each layer.
-        exclude: fnmatch patterns over qualified layer names (``"classifier"``, ``"*.out_proj"``).
-        bitwidth_overrides: ``{pattern: bits}``: layers whose name matches keep these bits,
-            whatever ``set_bitwidth`` later sets (e.g. first and last layer at 8 bits). The
-            first matching pattern wins.
-        activation_grid: grid of the input quantizers: ``"signed"`` (symmetric, the
-            default), ``"unsigned"`` ([0, 2^b - 1]) or ``"auto"`` (unsigned for a
-            non-negative input, such as a ReLU's output, chosen per tensor). Weights are
-            always quantized on the signed grid.
-        recompute_inputs: what a layer keeps of its quantized input for backward. True
-            (the default): nothing; it keeps the float input (alive anyway, as a rule) and
-            recomputes the grid values when backward needs them, inside the layer's own
-            autograd node, so peak memory stays close to the float model's, for one more
-            elementwise pass per layer in backward. False: the grid values themselves, one
-            extra activation per layer until backward, a few percent faster per step.
-        per_channel_weights: one scale per output channel of each weight (the axis each
-            layer type declares: 0 for Linear/Conv weights, 1 for ConvTranspose and
-            transformers' Conv1D) instead of one per tensor. Inputs keep one scale each.
-        range_gradient: let the gradient flow through each quantizer's range ``max|x|`` to
-            the extreme element (see :class:`MinMaxQuant`): False (the default), True, or
-            ``"weights"``/``"inputs"`` for one kind of quantizer only. Layers whose inputs
-            take it keep their quantized input for backward, as with ``recompute_inputs=False``.
-        eval_range: the range an input quantizer uses in eval mode: ``"batch"`` (the
-            default: each tensor's own, as in training) or ``"running"`` (an exponential
-            moving average, momentum 0.1, of the ranges seen in training mode; it lives
-            outside the state dict).
-        per_token_inputs: one scale per row of each input's last dimension (each token of a
-            ``(batch, sequence, features)`` input) instead of one per tensor: what outliers in
-            a few tokens cost the others. Such inputs cannot be exported to ONNX QDQ.
+        bitwidth: bits of every quantizer, an int in 2..32 (replaces ``bits`` of both specs;
+            default: the specs' own, 8 for the default spec).
+        weight: the :class:`~torchapprox.QuantSpec` of every layer's weights (or a dict of
+            its fields); default ``QuantSpec()`` (8 bits, min/max, signed, per tensor).
+        input: the spec of every layer's float inputs; default ``QuantSpec()``.
+        rules: ``{fnmatch pattern over layer names: {field: value}}``: per-layer changes to
+            both specs (``{"weight": {...}}`` or ``{"input": {...}}`` for one of them;
+            ``{"enabled": False}`` leaves the layer in float). A rule that sets ``bits``
+            pins them: ``set_bitwidth`` leaves those quantizers alone. Later rules win.
+        exclude: fnmatch patterns over qualified layer names left in float
+            (``"classifier"``, ``"*.out_proj"``).
+        weights: quantize the weights of each layer (False: ``weight=None``).
+        activations: quantize the float inputs of each layer (False: ``input=None``).
+
+    Shortcuts (kept for one release; each given one replaces a field of the specs):
+        bitwidth_overrides: ``{pattern: bits}``, rules that pin bits (the first matching
+            pattern wins).
+        activation_grid: ``input.grid`` ("signed", "unsigned" or "auto").
+        recompute_inputs: ``input.recompute``: True, layers keep their float input for
+            backward and recompute its grid values there (peak memory close to the float
+            model's, one more elementwise pass); False, they keep the grid values.
+        per_channel_weights: ``weight.granularity = "per_channel"`` (one scale per output
+            channel: the axis each layer type declares, 0 for Linear/Conv, 1 for
+            ConvTranspose and transformers' Conv1D).
+        range_gradient: ``range_gradient`` of both specs (True), of one (``"weights"``,
+            ``"inputs"``) or neither (False).
+        eval_range: ``"batch"`` or ``"running"``: ``input.range`` "dynamic" or "running".
+        per_token_inputs: ``input.granularity = "per_token"`` (one scale per row of the last
+            dimension; such inputs cannot be exported to ONNX QDQ).
 
     Returns:
         The qualified names (as ``model.named_modules()`` spells them) of the quantized
@@ -104,70 +92,114 @@ def attach(
     shared by every layer that uses them, so they are quantized the same way everywhere.
     A warning names the layer types whose weights stay in float (see :func:`coverage`).
 
+    Raises:
+        TypeError, ValueError: a bad argument, spec or rule (naming it), a spec a layer's
+            tensor cannot take (per-token scales on a weight), a lazy layer.
+
     Example::
 
         >>> model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
-        >>> attach(model, bitwidth=4, exclude=["2"])
-        ['0']
+        >>> attach(model, weight=QuantSpec(bits=4, granularity="per_channel"),
+        ...        input=QuantSpec(bits=4, grid="auto"), rules={"2": {"bits": 8}})
+        ['0', '2']
     """
     _check_model(model)
-    bitwidth = check_bitwidth(bitwidth)
     weights = check_bool(weights, "weights")
     activations = check_bool(activations, "activations")
     if not (weights or activations):
         raise ValueError("`weights` and `activations` are both False: nothing would be quantized")
+    weight_spec = as_spec(weight, "weight", QuantSpec()) if weights else None
+    input_spec = as_spec(input, "input", QuantSpec()) if activations else None
+    checked_rules = check_rules(rules)
+    weight_spec, input_spec, all_rules = apply_shortcuts(
+        weight_spec, input_spec, checked_rules, bitwidth=bitwidth, activation_grid=activation_grid,
+        recompute_inputs=recompute_inputs, per_channel_weights=per_channel_weights, range_gradient=range_gradient,
+        eval_range=eval_range, per_token_inputs=per_token_inputs, bitwidth_overrides=bitwidth_overrides)
     patterns = check_patterns(exclude)
-    overrides = check_overrides(bitwidth_overrides)
-    if activation_grid not in GRIDS:
-        raise ValueError(f"`activation_grid` must be one of {', '.join(GRIDS)}, got {activation_grid!r}")
-    recompute_inputs = check_bool(recompute_inputs, "recompute_inputs")
-    per_channel_weights = check_bool(per_channel_weights, "per_channel_weights")
-    per_token_inputs = check_bool(per_token_inputs, "per_token_inputs")
-    range_gradient = check_range_gradient(range_gradient)
-    if eval_range not in EVAL_RANGES:
-        raise ValueError(f"`eval_range` must be one of {', '.join(EVAL_RANGES)}, got {eval_range!r}")
 
-    detach(model)
-    candidates = {name: (layer, spec) for name, layer in model.named_modules()
-                  if (spec := find_layer_type(layer)) is not None}
-    _warn_unmatched(patterns, list(candidates), "exclude")
-    _warn_unmatched(overrides, list(candidates), "bitwidth_overrides")
-    chosen = {name: entry for name, entry in candidates.items()
-              if not any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns)}
+    candidates = {name: (layer, layer_type) for name, layer in model.named_modules()
+                  if (layer_type := find_layer_type(layer)) is not None}
+    for argument, given in (("exclude", patterns), ("rules", checked_rules), ("bitwidth_overrides",
+                                                                             bitwidth_overrides or {})):
+        _warn_unmatched(given, list(candidates), argument)
+    plans = {}
+    for name, (layer, layer_type) in candidates.items():
+        if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
+            continue
+        specs = resolve(name, weight_spec, input_spec, all_rules)
+        if specs.weight is None and specs.input is None:
+            continue
+        plans[name] = _plan_layer(name, layer, layer_type, specs)
+    _apply(model, plans)
+    _warn_float_layers(model, excluded=[n for n in candidates if n not in plans])
+    return list(plans)
+
+
+@dataclasses.dataclass
+class _LayerPlan:
+    """The quantizers one layer gets: ``{tensor name: (spec, pinned, channel axis, groups)}``."""
+
+    layer: nn.Module
+    layer_type: LayerType
+    weights: dict[str, tuple[QuantSpec, bool, int | None, int]]
+    inputs: dict[str, tuple[QuantSpec, bool]]
+
+
+def _plan_layer(name: str, layer: nn.Module, layer_type: LayerType, specs: LayerSpecs) -> _LayerPlan:
+    layout = layer_type.weight_layout(layer)
+    weights, inputs = {}, {}
+    if specs.weight is not None:
+        _check_role(specs.weight, "weight", name)
+        _check_materialized(name, layer, layout)
+        weights = {w: (specs.weight, specs.weight_pinned, axis, groups) for w, (axis, groups) in layout.items()}
+    if specs.input is not None and layer_type.inputs:
+        _check_role(specs.input, "input", name)
+        inputs = {i: (specs.input, specs.input_pinned) for i in layer_type.inputs}
+    return _LayerPlan(layer, layer_type, weights, inputs)
+
+
+def _check_role(spec: QuantSpec, role: str, layer_name: str) -> None:
+    if role == "weight" and spec.granularity == "per_token":
+        raise ValueError(f"layer {layer_name!r}: the weight spec has granularity='per_token', which is for inputs "
+                         "(one scale per token); weights take 'per_tensor' or 'per_channel'")
+    if role == "weight" and spec.range != "dynamic":
+        raise ValueError(f"layer {layer_name!r}: the weight spec has range={spec.range!r}, which is for inputs "
+                         "(a weight's scale comes from the weight itself): use range='dynamic'")
+    if role == "input" and spec.granularity == "per_channel":
+        raise ValueError(f"layer {layer_name!r}: the input spec has granularity='per_channel', which is for weights; "
+                         "inputs take 'per_tensor' or 'per_token' (a rule can set one role: {'weight': {...}})")
+
+
+def _apply(model: nn.Module, plans: dict[str, _LayerPlan]) -> None:
+    """Build every quantizer first (anything that fails leaves the model untouched), then
+    replace the model's quantizers with them."""
     shared = _SharedWeightQuantizers()
-    for name, (layer, spec) in chosen.items():
-        axes = spec.weight_axes(layer)
-        _check_materialized(name, layer, axes)
-        pinned = next((bits for pattern, bits in overrides.items() if fnmatch.fnmatchcase(name, pattern)), None)
-        layer_bits = bitwidth if pinned is None else pinned
-        weight_names = tuple(axes) if weights else ()
-        for weight_name in weight_names:
-            axis = axes[weight_name] if per_channel_weights else None
-            quantizer = shared.quantizer(name, layer, weight_name, axis, layer_bits, pinned is not None)
-            quantizer.range_gradient = range_gradient in (True, "weights")
-            quantizer.role = "weight"
-            layer.add_module(f"{weight_name}_quantizer", quantizer)
-        for input_name in spec.inputs if activations else ():
-            quantizer = _quantizer(layer_bits, pinned is not None, grid=activation_grid, eval_range=eval_range,
-                                   axis="token" if per_token_inputs else None)
-            quantizer.recompute_in_backward = recompute_inputs
-            quantizer.range_gradient = range_gradient in (True, "inputs")
-            quantizer.role = "input"
-            layer.add_module(f"{input_name}_quantizer", quantizer)
-        _install(layer, spec, weight_names)
+    built: dict[str, tuple[dict[str, ApproxQuantizer], dict[str, ApproxQuantizer]]] = {}
+    for name, plan in plans.items():
+        weight_quantizers = {w: shared.quantizer(name, plan.layer, w, *entry) for w, entry in plan.weights.items()}
+        input_quantizers = {}
+        for input_name, (spec, pinned) in plan.inputs.items():
+            quantizer = build_quantizer(spec, role="input")
+            quantizer.pinned = pinned
+            input_quantizers[input_name] = quantizer
+        built[name] = (weight_quantizers, input_quantizers)
+    detach(model)
+    for name, plan in plans.items():
+        weight_quantizers, input_quantizers = built[name]
+        for tensor_name, quantizer in {**weight_quantizers, **input_quantizers}.items():
+            plan.layer.add_module(f"{tensor_name}_quantizer", quantizer)
+        _install(plan.layer, plan.layer_type, tuple(weight_quantizers), tuple(input_quantizers))
     for name, layer in model.named_modules():
-        if isinstance(layer, nn.MultiheadAttention) and name not in chosen and hasattr(layer.out_proj, _WEIGHTS_ATTR):
+        if isinstance(layer, nn.MultiheadAttention) and name not in plans and hasattr(layer.out_proj, _WEIGHTS_ATTR):
             # Float attention reads its out_proj's weight directly instead of calling it: run
             # it through the quantized forward (no quantizers of its own), which calls it.
-            _install(layer, find_layer_type(layer), ())
+            _install(layer, find_layer_type(layer), (), ())
         elif isinstance(layer, nn.TransformerEncoder) and any(hasattr(m, _WEIGHTS_ATTR) for m in layer.modules()):
             # In eval mode with a padding mask the encoder turns its input into a nested
             # tensor before its layers run, and quantizers cannot take a nested tensor: the
             # encoder's own switch for that path stays off while quantizers are attached.
             setattr(layer, _NESTED_ATTR, layer.use_nested_tensor)
             layer.use_nested_tensor = False
-    _warn_float_layers(model, excluded=[n for n in candidates if n not in chosen])
-    return list(chosen)
 
 
 class _SharedWeightQuantizers:
@@ -175,24 +207,26 @@ class _SharedWeightQuantizers:
     is quantized by the same module wherever it is used."""
 
     def __init__(self) -> None:
-        self.by_source: dict[int, tuple[MinMaxQuant, str]] = {}
+        self.by_source: dict[int, tuple[ApproxQuantizer, str, int | None]] = {}
 
-    def quantizer(self, layer_name: str, layer: nn.Module, weight_name: str, axis: int | None, bits: int,
-                  pinned: bool) -> MinMaxQuant:
+    def quantizer(self, layer_name: str, layer: nn.Module, weight_name: str, spec: QuantSpec, pinned: bool,
+                  axis: int | None, groups: int) -> ApproxQuantizer:
         source = weight_source(layer, weight_name)
         if id(source) not in self.by_source:
-            quantizer = _quantizer(bits, pinned, axis=axis)
-            self.by_source[id(source)] = (quantizer, layer_name)
+            quantizer = build_quantizer(spec, role="weight", channel_axis=axis, channel_groups=groups)
+            quantizer.pinned = pinned
+            self.by_source[id(source)] = (quantizer, layer_name, axis)
             return quantizer
-        quantizer, first = self.by_source[id(source)]
-        if quantizer.axis != axis:
-            quantizer.axis = None  # no per-channel axis fits both uses: one scale for the tensor
+        quantizer, first, first_axis = self.by_source[id(source)]
+        if spec.granularity == "per_channel" and quantizer.spec.granularity == "per_channel" and first_axis != axis:
+            # No per-channel axis fits both uses: one scale for the tensor.
+            quantizer.spec = quantizer.spec.replace(granularity="per_tensor")
             warnings.warn(f"tied weight {weight_name!r} of {layer_name!r} and {first!r}: their output-channel axes "
-                          "differ, so it is quantized with one scale per tensor in both", UserWarning, stacklevel=4)
-        if quantizer.bitwidth != bits or quantizer.pinned != pinned:
+                          "differ, so it is quantized with one scale per tensor in both", UserWarning, stacklevel=5)
+        elif spec != quantizer.spec or quantizer.pinned != pinned:
             warnings.warn(f"tied weight {weight_name!r} of {layer_name!r} is also used by {first!r}: it is quantized "
                           f"as there ({quantizer.bitwidth} bits{', pinned' if quantizer.pinned else ''}) in both",
-                          UserWarning, stacklevel=4)
+                          UserWarning, stacklevel=5)
         return quantizer
 
 
@@ -206,11 +240,13 @@ def weight_source(layer: nn.Module, name: str) -> object:
     return getattr(layer, name)
 
 
-def _install(layer: nn.Module, spec: LayerType, weight_names: tuple[str, ...]) -> None:
+def _install(layer: nn.Module, layer_type: LayerType, weight_names: tuple[str, ...],
+             input_names: tuple[str, ...]) -> None:
     setattr(layer, _WEIGHTS_ATTR, weight_names)
+    setattr(layer, _INPUTS_ATTR, input_names)
     # functools.partial of a module-level function, unlike a bound method, survives
     # pickling and deepcopy of the whole model.
-    layer.forward = functools.partial(spec.forward, layer)
+    layer.forward = functools.partial(layer_type.forward, layer)
     handle = layer.register_forward_pre_hook(_keeps_fused_inference_paths_off)
     setattr(layer, _HOOK_ATTR, handle.id)
 
@@ -222,10 +258,11 @@ def _keeps_fused_inference_paths_off(module: nn.Module, args: tuple) -> None:
 
 
 def set_bitwidth(model: nn.Module, bitwidth: int) -> int:
-    """Set every quantizer in ``model`` to ``bitwidth``, except those pinned by
-    ``bitwidth_overrides``; returns how many were set."""
+    """Set every quantizer in ``model`` to ``bitwidth``, except those pinned by a rule (or
+    ``bitwidth_overrides``); returns how many were set. A family that learns its step
+    moves it to the new grid (``ApproxQuantizer.on_bitwidth_change``)."""
     bitwidth = check_bitwidth(bitwidth)
-    quantizers = [m for m in model.modules() if isinstance(m, ApproxQuantizer)]
+    quantizers = _quantizers(model)
     if not quantizers:
         raise ValueError("`model` has no quantizers to set a bitwidth on: call attach(model) first")
     free = [q for q in quantizers if not q.pinned]
@@ -234,11 +271,8 @@ def set_bitwidth(model: nn.Module, bitwidth: int) -> int:
     return len(free)
 
 
-def _quantizer(bitwidth: int, pinned: bool, grid: str = "signed", axis: int | None = None,
-               eval_range: str = "batch") -> MinMaxQuant:
-    quantizer = MinMaxQuant(bitwidth, grid=grid, axis=axis, eval_range=eval_range)
-    quantizer.pinned = pinned  # set_bitwidth leaves a pinned quantizer at its own bits
-    return quantizer
+def _quantizers(model: nn.Module) -> list[ApproxQuantizer]:
+    return [m for m in model.modules() if isinstance(m, ApproxQuantizer)]
 
 
 def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -250,74 +284,131 @@ def quantized_layers(model: nn.Module) -> dict[str, nn.Module]:
     }
 
 
-def enable_statistics(model: nn.Module, enabled: bool = True) -> None:
-    """Make every quantizer keep (or stop keeping) the error of its next calls.
-
-    Off by default: computing MSE and SQNR costs a pass over every weight and input, so a
-    training loop turns it on only for the steps it logs.
-    """
-    enabled = check_bool(enabled, "enabled")
-    for module in model.modules():
-        if isinstance(module, ApproxQuantizer):
-            module.record_statistics = enabled
-
-
-def statistics(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
-    """Per-layer statistics recorded in the last forward pass with statistics enabled.
-
-    Returns ``{layer: {"weight" | "input": {"scale_factor", "mse", "sqnr_db": 0-dim tensor}}}``.
-    Values stay on the model's device (no host sync); ``float(value)`` reads one. "weight"
-    is the layer's first quantized weight (attention: the input projection; LSTM:
-    ``weight_ih_l0``), "input" its first input (attention: the query). With per-channel
-    weights, ``scale_factor`` is the mean of the channels' scales.
-    """
-    result: dict[str, dict[str, dict[str, torch.Tensor]]] = {}
-    for name, layer in quantized_layers(model).items():
-        entry = {}
-        weight_quantizer = next((layer._modules.get(f"{w}_quantizer") for w in getattr(layer, _WEIGHTS_ATTR, ())), None)
-        for kind, quantizer in (("weight", weight_quantizer), ("input", layer._modules.get("input_quantizer"))):
-            if quantizer is not None and quantizer.last_statistics is not None:
-                entry[kind] = dict(quantizer.last_statistics)
-        if entry:
-            result[name] = entry
-    return result
+def quantized_tensor_names(layer: nn.Module) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(quantized weight names, quantized input names) of an attached layer."""
+    return getattr(layer, _WEIGHTS_ATTR, ()), getattr(layer, _INPUTS_ATTR, ())
 
 
 def quantizer_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The tensors quantizers keep between calls (running ranges, frozen ranges), by
     qualified name (``"net.0.input_quantizer.running_range"``), detached, on their device.
 
-    They are non-persistent buffers, outside ``model.state_dict()`` (which keeps exactly the
-    plain model's keys): save them beside it, e.g. in the callback's checkpoint state, and
-    restore them with :func:`load_quantizer_state`. Plain tensors: they load with
-    ``torch.load(weights_only=True)``.
+    They live outside ``model.state_dict()`` (which keeps exactly the plain model's keys):
+    save them beside it, e.g. in the callback's checkpoint state, and restore them with
+    :func:`load_quantizer_state`. Plain tensors: they load with
+    ``torch.load(weights_only=True)``. (Learned steps are Parameters: in ``state_dict``.)
     """
     state = {}
     for name, module in model.named_modules():
         if isinstance(module, ApproxQuantizer):
-            for buffer_name, buffer in module._buffers.items():
-                if buffer is not None:
-                    state[f"{name}.{buffer_name}" if name else buffer_name] = buffer.detach().clone()
+            for tensor_name, tensor in module.state_tensors().items():
+                state[f"{name}.{tensor_name}" if name else tensor_name] = tensor.detach().clone()
     return state
 
 
 def load_quantizer_state(model: nn.Module, state: Mapping[str, torch.Tensor]) -> None:
-    """Restore what :func:`quantizer_state` returned onto an attached model.
+    """Restore what :func:`quantizer_state` returned onto an attached model. Every entry is
+    checked before any is loaded.
 
     Raises:
-        KeyError: a name that is not a quantizer buffer of ``model`` (attached with other options?).
+        KeyError: a name that is not a quantizer of ``model`` (attached with other options?).
+        ValueError: state the quantizer cannot use (a running range on a quantizer without
+            ``range='running'``, a static range on a per-channel one), naming the quantizer.
     """
     quantizers = {name: module for name, module in model.named_modules() if isinstance(module, ApproxQuantizer)}
+    grouped: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in state.items():
-        owner, _, buffer_name = key.rpartition(".")
+        owner, _, tensor_name = key.rpartition(".")
         quantizer = quantizers.get(owner)
-        if quantizer is None or buffer_name not in quantizer._buffers:
-            raise KeyError(f"quantizer state {key!r} has no quantizer buffer in the model (quantizers: "
+        if quantizer is None:
+            raise KeyError(f"quantizer state {key!r} has no quantizer in the model (quantizers: "
                            f"{', '.join(list(quantizers)[:10])}{' ...' if len(quantizers) > 10 else ''})")
-        current = quantizer._buffers[buffer_name]
-        device = current.device if current is not None else next(
-            (t.device for t in model.parameters()), tensor.device)
-        setattr(quantizer, buffer_name, tensor.detach().clone().to(device))
+        try:
+            quantizer.check_state_tensor(tensor_name, tensor)
+        except ValueError as error:
+            raise ValueError(f"quantizer state {key!r} cannot be loaded into {owner!r}: {error}") from None
+        grouped.setdefault(owner, {})[tensor_name] = tensor
+    for owner, tensors in grouped.items():
+        quantizers[owner].load_state_tensors(tensors, owner)
+
+
+def synchronize_quantizers(model: nn.Module, all_reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+    """Make every quantizer's state (running and calibrated ranges) the same on every
+    process: ``all_reduce(tensor, op)`` reduces over the processes with op "min", "max",
+    "sum" or "mean" (running ranges are averaged; calibrated ranges take the min of the
+    lows and the max of the highs). Every process must call it, in the same order."""
+    seen = set()
+    for quantizer in _quantizers(model):
+        if id(quantizer) not in seen:
+            seen.add(id(quantizer))
+            quantizer.synchronize(all_reduce)
+
+
+# ------------------------------------------------------------- saving and restoring
+STATE_FORMAT = 1
+
+
+def quantization_state(model: nn.Module) -> dict[str, Any]:
+    """Everything needed to quantize a copy of ``model`` exactly as it is: each quantized
+    layer's quantizers (spec with its current bits, pinning, channel layout) and their state
+    tensors, as plain Python and tensors (loads with ``torch.load(weights_only=True)``).
+    :func:`restore_quantization` puts it back; learned Parameters travel in ``state_dict``."""
+    layers: dict[str, dict[str, Any]] = {}
+    for name, layer in quantized_layers(model).items():
+        weights, inputs = quantized_tensor_names(layer)
+        layers[name] = {tensor: {"role": quantizer.role, "spec": quantizer.spec.to_dict(), "pinned": quantizer.pinned,
+                                 "channel_axis": quantizer.channel_axis, "channel_groups": quantizer.channel_groups}
+                        for tensor in (*weights, *inputs) if (quantizer := quantizer_of(layer, tensor)) is not None}
+    tensors = {key: value.cpu() for key, value in quantizer_state(model).items()}
+    return {"format": STATE_FORMAT, "layers": layers, "tensors": tensors}
+
+
+def restore_quantization(model: nn.Module, state: Mapping[str, Any]) -> list[str]:
+    """Quantize ``model`` as :func:`quantization_state` recorded it (specs, bits, ranges),
+    replacing any quantizers it has. All or nothing. Returns the quantized layers' names.
+
+    For a model with learned steps, call this before ``model.load_state_dict(...)``: the
+    steps are Parameters of the quantizers it creates.
+
+    Raises:
+        ValueError: ``state`` is not such a record, or names a layer ``model`` lacks or
+            cannot quantize.
+    """
+    _check_model(model)
+    if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT or "layers" not in state:
+        raise ValueError("`state` must be what torchapprox.quantization_state returned (a dict with format "
+                         f"{STATE_FORMAT} and 'layers'), got {type(state).__name__}"
+                         f"{' with keys ' + ', '.join(map(str, state)) if isinstance(state, Mapping) else ''}")
+    plans = {}
+    for name, tensors in state["layers"].items():
+        try:
+            layer = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the saved quantization names layer {name!r}, which the model does not have") from None
+        layer_type = find_layer_type(layer)
+        if layer_type is None:
+            raise ValueError(f"the saved quantization names layer {name!r}, a {type(layer).__name__}, which has no "
+                             "registered quantized layer type")
+        weights, inputs = {}, {}
+        for tensor, entry in tensors.items():
+            spec = QuantSpec.from_dict(entry["spec"])
+            if entry["role"] == "weight":
+                weights[tensor] = (spec, bool(entry["pinned"]), entry.get("channel_axis"),
+                                   int(entry.get("channel_groups", 1)))
+            else:
+                inputs[tensor] = (spec, bool(entry["pinned"]))
+        plans[name] = _LayerPlan(layer, layer_type, weights, inputs)
+    previous = quantization_state(model) if quantized_layers(model) else None
+    _apply(model, plans)
+    try:
+        load_quantizer_state(model, state.get("tensors") or {})
+    except (KeyError, ValueError):
+        if previous is not None:  # all or nothing: the model as it was
+            restore_quantization(model, previous)
+        else:
+            detach(model)
+        raise
+    return list(plans)
 
 
 def detach(model: nn.Module, bake: bool = False) -> list[str]:
@@ -351,6 +442,7 @@ def detach(model: nn.Module, bake: bool = False) -> list[str]:
             if isinstance(child, ApproxQuantizer):
                 delattr(layer, child_name)
         delattr(layer, _WEIGHTS_ATTR)
+        layer.__dict__.pop(_INPUTS_ATTR, None)
         delattr(layer, _HOOK_ATTR)
         detached.append(name)
     return detached
@@ -366,8 +458,8 @@ def _bake(model: nn.Module) -> None:
             source = weight_source(layer, weight_name)
             users.setdefault(id(source), []).append(f"{layer_name}.{weight_name}" if layer_name else weight_name)
             if id(source) not in plans:
-                quantizer = layer._modules[f"{weight_name}_quantizer"]
-                value, _ = quantizer.fake_quantize_with_scale(getattr(layer, weight_name))
+                quantizer = quantizer_of(layer, weight_name)
+                value, _ = quantizer.fake_quantize(getattr(layer, weight_name))
                 plans[id(source)] = (layer, weight_name, value)
     _check_no_float_users(model, plans, users)
     for layer, weight_name, value in plans.values():
@@ -442,9 +534,12 @@ __all__ = [
     "detach",
     "enable_statistics",
     "load_quantizer_state",
+    "quantization_state",
     "quantized_layers",
     "quantizer_state",
+    "restore_quantization",
     "set_bitwidth",
     "statistics",
+    "synchronize_quantizers",
     "weight_source",
 ]

@@ -17,105 +17,118 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..qat import quantized_layers
-from ..quantizers import ApproxQuantizer, MinMaxQuant, reference
-from ..quantizers.minmax_quantizer import range_scale
+from ..layers.functional import quantizer_of
+from ..qat import quantized_layers, quantized_tensor_names
+from ..quantizers import ApproxQuantizer
+from ..quantizers.qparams import QParams, levels
+from ..statistics import _LEGACY_ATTR
 from . import ops
 
 _ONNX_TYPES = {torch.int8: 3, torch.uint8: 2, torch.int16: 5, torch.uint16: 4}  # onnx.TensorProto
 
 
 class _ExportedWeight(ApproxQuantizer):
-    """A weight's integer values and step, frozen at export: ``DequantizeLinear(q, step)``."""
+    """A weight's integer levels and step, frozen at export: ``DequantizeLinear(q, step, 0)``."""
 
-    def __init__(self, quantizer: MinMaxQuant, weight: Tensor, where: str) -> None:
-        super().__init__(quantizer.bitwidth)
-        try:
-            dtype = ops.container(quantizer.bitwidth, quantizer.grid)
-        except ValueError as error:
-            raise ValueError(f"{where}: {error}") from None
+    def __init__(self, quantizer: ApproxQuantizer, weight: Tensor, where: str) -> None:
+        super().__init__(quantizer.spec, role="weight")
         with torch.no_grad():
-            scale = quantizer.compute_scale(weight)
-            bounds = reference.grid_bounds(quantizer.bitwidth, quantizer.grid)
-            levels = torch.clamp(torch.round(weight.detach().to(scale.dtype) / scale), *bounds)
-        self.axis = -1 if quantizer.axis is None else quantizer.axis % weight.dim()
-        self.register_buffer("levels", levels.to(dtype))
-        self.register_buffer("step", (scale.reshape(-1) if scale.dim() else scale).float())
+            qp = quantizer.qparams(weight).detach()
+            level = levels(weight, qp)
+        ops.check_grid(quantizer.bitwidth, quantizer.grid, where)
+        low, high = (int(level.min()), int(level.max())) if level.numel() else (0, 0)
+        dtype = ops.container(min(low, 0, qp.qmin), max(high, 0))
+        kept = [d for d, size in enumerate(qp.scale.shape) if size > 1]
+        if len(kept) > 1:  # a grouped ConvTranspose: one scale per group and column
+            self.axis, step = ops.ELEMENTWISE, qp.scale
+        else:
+            self.axis = kept[0] if kept else -1
+            step = qp.scale.reshape(-1) if kept else qp.scale.reshape(())
+        zero = torch.zeros_like(step) if qp.zero_point is None else qp.zero_point.reshape(step.shape)
+        self.register_buffer("levels", level.to(dtype))
+        self.register_buffer("step", step.float())
+        # An explicit zero point: ORT fuses a weight's DequantizeLinear into its integer
+        # kernels only with one.
+        self.register_buffer("zero", zero.to(dtype))
+        self._qparams = QParams(self.step, qp.qmin, qp.qmax, constant=True, channels=qp.channels)
 
-    def fake_quantize_with_scale(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def compute_qparams(self, x: Tensor) -> QParams:
+        return self._qparams
+
+    def fake_quantize(self, x: Tensor) -> tuple[Tensor, QParams]:
         # x (the float weight) is not used: the exported graph holds the integers.
-        return torch.ops.torchapprox.dequantize(self.levels, self.step, self.axis).to(x.dtype), self.step
-
-    def quantize(self, x: Tensor) -> Tensor:
-        return self.levels.to(x.dtype)
-
-    @property
-    def scale_factor(self) -> Tensor:
-        return 1.0 / self.step
+        value = torch.ops.torchapprox.dequantize(self.levels, self.step, self.zero, self.axis)
+        return value.to(x.dtype), self._qparams
 
 
-class _ExportedInput(ApproxQuantizer):
-    """An input's QDQ: with the scale of its own range, or of a frozen (calibrated) range."""
+class _ExportedConstantInput(ApproxQuantizer):
+    """An input whose parameters are constant (a calibrated or running range, a learned
+    step), frozen at export into initializers; its levels in the tightest integer type."""
 
-    def __init__(self, quantizer: MinMaxQuant, where: str) -> None:
-        super().__init__(quantizer.bitwidth)
-        if quantizer.axis is not None:
-            raise ValueError(f"{where}: an input quantized with one scale per {quantizer.axis} cannot be exported to "
-                             "ONNX QDQ (QuantizeLinear takes one scale per tensor or per channel of a constant); "
-                             "attach with per_token_inputs=False to export")
-        value_range = quantizer.stored_range()
-        self.grid = quantizer.grid
-        self.static = value_range is not None
-        if self.static:
-            step, lower, upper = range_scale(value_range.float(), self.bitwidth, self.grid)
-            if self.grid == "auto":  # a frozen range fixes the grid too
-                self.grid = "unsigned" if float(value_range[0]) >= 0 else "signed"
-            # The very float32 values the quantizer computes with: ONNX gets the same numbers.
-            self.low, self.high = float(lower), float(upper)
-            self.register_buffer("step", step.float())
+    def __init__(self, quantizer: ApproxQuantizer, qp: QParams, where: str) -> None:
+        super().__init__(quantizer.spec, role="input")
+        qmin, qmax = qp.qmin, qp.qmax
+        zero = 0 if qp.zero_point is None else int(qp.zero_point)
+        if qp.clip is not None:  # a frozen range fixes which levels occur (the auto grid's, too)
+            qmin = max(qmin, int(torch.round(qp.clip[0] / qp.scale)) + zero)
+            qmax = min(qmax, int(torch.round(qp.clip[1] / qp.scale)) + zero)
+        if qp.clip is None:
+            ops.check_grid(quantizer.bitwidth, quantizer.grid, where)
         try:
-            ops.container(self.bitwidth, self.grid)
+            ops.container(min(qmin, 0), max(qmax, 0))
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
+        self.register_buffer("step", qp.scale.float())
+        self.register_buffer("zero", None if qp.zero_point is None else qp.zero_point.float())
+        clip = None
+        if qp.clip is not None:
+            self.register_buffer("low", qp.clip[0].float())
+            self.register_buffer("high", qp.clip[1].float())
+            clip = (self.low, self.high)
+        self._qparams = QParams(self.step, min(qmin, 0), max(qmax, 0), self.zero, clip, constant=True,
+                                may_clamp=qp.may_clamp)
 
-    def fake_quantize_with_scale(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        if self.static:
-            x_fake = torch.ops.torchapprox.quantize_dequantize_static(x, self.step, self.low, self.high, self.bitwidth,
-                                                                     self.grid)
-            return x_fake, self.step
-        return torch.ops.torchapprox.quantize_dequantize(x, self.bitwidth, self.grid), torch.ones(())
+    def compute_qparams(self, x: Tensor) -> QParams:
+        return self._qparams
 
-    def constant_scale(self) -> Tensor | None:
-        return self.step if self.static else None
 
-    def quantize(self, x: Tensor) -> Tensor:
-        raise NotImplementedError("an exported input quantizer only fake-quantizes")
-
-    @property
-    def scale_factor(self) -> None:
-        return None
+def _exported_input(quantizer: ApproxQuantizer, where: str) -> ApproxQuantizer:
+    if quantizer.spec.granularity == "per_token":
+        raise ValueError(f"{where}: an input quantized with one scale per token cannot be exported to ONNX QDQ "
+                         "(QuantizeLinear takes one scale per tensor or per channel of a constant); "
+                         "attach with per_token_inputs=False to export")
+    with torch.no_grad():
+        qp = quantizer.qparams(torch.zeros(1))
+    if qp.constant:
+        return _ExportedConstantInput(quantizer, qp.detach(), where)
+    ops.check_grid(quantizer.bitwidth, quantizer.grid, where)
+    return quantizer  # its scale is computed in the graph, from each tensor's own range
 
 
 def prepare_for_export(model: nn.Module) -> nn.Module:
-    """A copy of ``model`` in eval mode whose quantizers compute with the export ops."""
+    """A copy of ``model`` in eval mode whose weights are integer buffers and whose constant
+    input parameters are frozen (see :mod:`torchapprox.export.ops`)."""
     if not quantized_layers(model):
         raise ValueError("`model` has no quantizers: attach(model) before exporting it")
     exported = copy.deepcopy(model).eval()
+    exported.__dict__.pop(_LEGACY_ATTR, None)
+    for module in exported.modules():
+        if isinstance(module, ApproxQuantizer):
+            module._collector = None  # nothing is recorded while exporting
     replaced: dict[int, ApproxQuantizer] = {}
     for layer_name, layer in exported.named_modules():
-        for child_name, child in list(layer.named_children()):
-            if not isinstance(child, ApproxQuantizer):
+        weights, inputs = quantized_tensor_names(layer)
+        for tensor in (*weights, *inputs):
+            quantizer = quantizer_of(layer, tensor)
+            if quantizer is None:
                 continue
-            where = f"{layer_name or 'model'}.{child_name}"
-            if not isinstance(child, MinMaxQuant):
-                raise TypeError(f"{where}: only MinMaxQuant quantizers can be exported, got {type(child).__name__}")
-            if id(child) not in replaced:  # a tied weight's quantizer is replaced once
-                if child.role == "weight":
-                    weight = getattr(layer, child_name[: -len("_quantizer")])
-                    replaced[id(child)] = _ExportedWeight(child, weight, where)
+            where = f"{layer_name or 'model'}.{tensor}_quantizer"
+            if id(quantizer) not in replaced:  # a tied weight's quantizer is replaced once
+                if tensor in weights:
+                    replaced[id(quantizer)] = _ExportedWeight(quantizer, getattr(layer, tensor), where)
                 else:
-                    replaced[id(child)] = _ExportedInput(child, where)
-            setattr(layer, child_name, replaced[id(child)])
+                    replaced[id(quantizer)] = _exported_input(quantizer, where)
+            setattr(layer, f"{tensor}_quantizer", replaced[id(quantizer)])
     return exported
 
 
@@ -124,39 +137,30 @@ def translation_table() -> dict:
     import onnx
     from onnxscript import opset21 as op
 
-    def dequantize(q, scale, axis: int):
-        return op.DequantizeLinear(q, scale, axis=max(axis, 0))  # the axis of a per-tensor scale is ignored
+    def dequantize(q, scale, zero_point, axis: int):
+        if axis == ops.ELEMENTWISE:
+            return op.Mul(op.CastLike(q, scale), scale)
+        return op.DequantizeLinear(q, scale, zero_point, axis=max(axis, 0))  # a per-tensor scale's axis is ignored
 
-    def _qdq(x, step, bitwidth: int, grid: str):
-        dtype = _ONNX_TYPES[ops.container(bitwidth, grid)]
-        zero = op.Cast(op.Constant(value_int=0), to=dtype)
-        return op.DequantizeLinear(op.QuantizeLinear(x, step, zero), step, zero)
-
-    def quantize_dequantize(x, bitwidth: int, grid: str):
-        low = op.ReduceMin(x, keepdims=0)
-        high = op.ReduceMax(x, keepdims=0)
-        if grid == "unsigned":
-            top = op.Max(high, op.CastLike(0.0, x))
-            level = op.CastLike(float(reference.unsigned_max(bitwidth)), x)
+    def export_qdq(x, scale, zero_point, qmin: int, qmax: int, may_clamp: bool):
+        dtype = ops.container(qmin, qmax)
+        if zero_point is None:
+            zero = op.Cast(op.Constant(value_int=0), to=_ONNX_TYPES[dtype])
+            zero_float = op.CastLike(0.0, x)
         else:
-            top = op.Max(op.Neg(low), high)
-            level = op.CastLike(float(reference.int_max(bitwidth)), x)
-            if grid == "auto":
-                unsigned = op.GreaterOrEqual(low, op.CastLike(0.0, x))
-                level = op.Where(unsigned, op.CastLike(float(reference.unsigned_max(bitwidth)), x), level)
-        tiny = op.CastLike(float(torch.finfo(torch.float32).tiny), x)
-        step = op.Where(op.Greater(top, op.CastLike(0.0, x)), op.Max(op.Div(top, level), tiny), op.CastLike(1.0, x))
-        return _qdq(x, step, bitwidth, grid)
-
-    def quantize_dequantize_static(x, step, low: float, high: float, bitwidth: int, grid: str):
-        clipped = op.Clip(x, op.CastLike(low, x), op.CastLike(high, x))
-        return _qdq(clipped, op.CastLike(step, x), bitwidth, grid)
+            zero, zero_float = op.Cast(zero_point, to=_ONNX_TYPES[dtype]), zero_point
+        low, high = next((lo, hi) for t, lo, hi in ops.CONTAINERS if t == dtype)
+        if may_clamp and (qmin > low or qmax < high):
+            # QuantizeLinear saturates to its type's range only: clamp to the grid's first.
+            lower = op.Mul(op.Sub(op.CastLike(float(qmin), x), zero_float), scale)
+            upper = op.Mul(op.Sub(op.CastLike(float(qmax), x), zero_float), scale)
+            x = op.Clip(x, lower, upper)
+        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero), scale, zero)
 
     del onnx  # imported to fail early, with its own message, when it is missing
     return {
         torch.ops.torchapprox.dequantize.default: dequantize,
-        torch.ops.torchapprox.quantize_dequantize.default: quantize_dequantize,
-        torch.ops.torchapprox.quantize_dequantize_static.default: quantize_dequantize_static,
+        torch.ops.torchapprox.export_qdq.default: export_qdq,
     }
 
 
@@ -173,18 +177,21 @@ def export_onnx(
 
     - every quantized weight is an integer initializer (int8 up to 8 bits, int16 up to 16;
       per-channel weights with the per-axis scales of ``DequantizeLinear``) followed by
-      ``DequantizeLinear``; biases stay float;
-    - every quantized input is a ``QuantizeLinear``/``DequantizeLinear`` pair with zero point
-      0: int8 for the signed grid, uint8 for the unsigned one (int16/uint16 above 8 bits;
-      the "auto" grid, which picks per tensor, int8 up to 7 bits and int16 up to 15). The
-      scale is computed in the graph from the tensor's own range (``MinMaxQuant``'s dynamic
-      semantics), or is a constant where the quantizer has a frozen or running range
-      (``torchapprox.calibrate``), with a ``Clip`` to that range;
+      ``DequantizeLinear`` with an explicit zero point; biases stay float (on the int32
+      accumulator grid where the input's parameters are constant);
+    - every quantized input is a ``QuantizeLinear``/``DequantizeLinear`` pair in the
+      smallest integer type that holds its levels: int8 for the signed grid, uint8 for the
+      unsigned one (int16/uint16 above 8 bits; the "auto" grid, which picks per tensor,
+      int8 up to 7 bits and int16 up to 15). The scale is computed in the graph from the
+      tensor's own range, in float32 whatever the model's dtype (the quantizer's own torch
+      code, recorded op by op), or is a constant initializer where the quantizer's
+      parameters are constant (a calibrated or running range, a learned step), with a
+      ``Clip`` to a calibrated range;
     - opset 21; the model's eval-mode computation, at its current bitwidths.
 
-    ONNX Runtime's outputs equal the attached model's eval outputs up to float rounding
-    (ONNX divides by the step where the quantizer multiplies by the scale factor; at a
-    rounding tie a value may land one level apart).
+    ONNX Runtime's outputs equal the attached model's eval outputs up to float rounding:
+    both compute ``clamp(round(x / scale)) * scale`` in float32 (half-precision models are
+    cast to float32 around each quantization, as PyTorch computes them).
 
     Args:
         model: the attached model; it is not changed (a copy is exported).
@@ -198,9 +205,9 @@ def export_onnx(
 
     Raises:
         ValueError: a model without quantizers, a grid ONNX's integer types cannot hold
-            (more than 16 bits; the "auto" grid at 16 bits), per-token input scales, or
-            float64 parameters or inputs.
-        TypeError: a quantizer other than ``MinMaxQuant``.
+            (more than 16 bits; the "auto" grid at 16 bits), per-token input scales,
+            per-channel scales along two dimensions (grouped ConvTranspose), or float64
+            parameters or inputs.
         ImportError: ``onnx`` or ``onnxscript`` is not installed.
     """
     try:

@@ -1,21 +1,22 @@
 """The ops an exported model computes with: QDQ in torch, one ONNX pattern each.
 
-``export_onnx`` rewrites a copy of the model so that its quantizers call these, then hands
-it to ``torch.onnx.export`` with a translation of each into standard ONNX operators:
+``export_onnx`` runs the model's eval computation under ``torch.export``, where the one
+rounding op (``torchapprox.quantizers.qparams.quantize_dequantize``) records itself as
+``export_qdq``, and weights are integer buffers read through ``dequantize``:
 
-- ``torchapprox::dequantize(Tensor q, Tensor scale, int axis)``: integer weights ``q``
-  (an int8/int16 buffer, exported as an integer initializer) times their scale (one per
-  tensor, or one per slice along ``axis``): ONNX ``DequantizeLinear``.
-- ``torchapprox::quantize_dequantize(Tensor x, int bitwidth, str grid)``: x on the grid of
-  its own range, the scale computed in the graph (``ReduceMax(Abs(x))``): ONNX
-  ``QuantizeLinear`` + ``DequantizeLinear`` with that scale.
-- ``torchapprox::quantize_dequantize_static(Tensor x, Tensor scale, float low, float high,
-  int bitwidth, str grid)``: x clipped to a calibrated range ``[low, high]`` and put on the
-  grid of a constant scale: ``Clip`` + ``QuantizeLinear`` + ``DequantizeLinear``.
+- ``torchapprox::dequantize(Tensor q, Tensor scale, Tensor? zero_point, int axis)``: integer
+  weights ``q`` (an int8/int16 buffer, exported as an integer initializer) on their grid
+  (one scale per tensor, or one per slice along ``axis``): ONNX ``DequantizeLinear``; scales
+  along several dimensions (a grouped ConvTranspose's per-channel ones): ``Cast`` and ``Mul``.
+- ``torchapprox::export_qdq(Tensor x, Tensor scale, Tensor? zero_point, int qmin, int qmax,
+  bool may_clamp)``: x (in the scale's dtype, float32) on the grid of ``scale``: ONNX
+  ``QuantizeLinear`` + ``DequantizeLinear`` in the smallest integer type that holds
+  [qmin, qmax] (with a ``Clip`` first where the grid is narrower than that type and
+  values may fall outside it).
 
-Scales are the step between levels (``MinMaxQuant.scale``), and the arithmetic is the
-quantizer's: ``x_fake = clamp(round(x / scale), qmin, qmax) * scale``, so that ONNX
-Runtime computes the model's values to the last bit (the tests check it).
+Everything else (the scale of a tensor's own range, a clip to a calibrated range, casts
+of half types to float32) is recorded op by op from the quantizer's own torch code, so the
+graph computes the quantization parameters with the very formula PyTorch uses, in float32.
 """
 
 from __future__ import annotations
@@ -23,76 +24,84 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from ..quantizers import reference
+# Integer types of QuantizeLinear/DequantizeLinear, smallest first: (dtype, low, high).
+CONTAINERS = ((torch.int8, -128, 127), (torch.uint8, 0, 255), (torch.int16, -(2**15), 2**15 - 1),
+              (torch.uint16, 0, 2**16 - 1))
 
 
-def container(bitwidth: int, grid: str) -> torch.dtype:
-    """The integer type that holds a grid's levels: int8/uint8 up to 8 bits, 16 bits above.
-
-    The "auto" grid picks signed or unsigned at run time, so its type must hold both:
-    int8 up to 7 bits (unsigned levels <= 127), int16 up to 15.
+def container(qmin: int, qmax: int) -> torch.dtype:
+    """The smallest ONNX integer type that holds the levels [qmin, qmax].
 
     Raises:
-        ValueError: a grid wider than ONNX's 16-bit integer types.
+        ValueError: a range wider than ONNX's 16-bit integer types.
     """
-    if grid == "signed" and bitwidth <= 16:
-        return torch.int8 if bitwidth <= 8 else torch.int16
-    if grid == "unsigned" and bitwidth <= 16:
-        return torch.uint8 if bitwidth <= 8 else torch.uint16
-    if grid == "auto" and bitwidth <= 15:
-        return torch.int8 if bitwidth <= 7 else torch.int16
-    raise ValueError(
-        f"a {bitwidth}-bit {grid} grid does not fit ONNX's integer types (QuantizeLinear holds at most 16 bits"
-        f"{'; the auto grid needs a type for both its signed and unsigned levels: at most 15 bits' if grid == 'auto' else ''})"
-    )
+    for dtype, low, high in CONTAINERS:
+        if low <= qmin and qmax <= high:
+            return dtype
+    raise ValueError(f"levels {qmin}..{qmax} do not fit ONNX's integer types (QuantizeLinear holds at most 16 bits)")
+
+
+def check_grid(bits: int, grid: str, where: str) -> None:
+    """Raise a ValueError naming ``where`` when a grid's levels fit no ONNX integer type."""
+    from ..quantizers import reference
+
+    try:
+        container(*reference.grid_bounds(bits, grid))
+    except ValueError:
+        auto = "; the auto grid needs a type for both its signed and unsigned levels: at most 15 bits"
+        raise ValueError(f"{where}: a {bits}-bit {grid} grid does not fit ONNX's integer types (QuantizeLinear holds "
+                         f"at most 16 bits{auto if grid == 'auto' else ''})") from None
 
 
 def _step(scale: Tensor, q: Tensor, axis: int) -> Tensor:
     return scale if scale.dim() == 0 else scale.reshape([-1 if d == axis else 1 for d in range(q.dim())])
 
 
+# ``axis`` of dequantize: a dimension (per-axis scales), -1 (one scale per tensor) or
+# ELEMENTWISE: a scale that broadcasts against q along several dimensions (a grouped
+# ConvTranspose's per-channel scales), which DequantizeLinear cannot take: q * scale.
+ELEMENTWISE = -2
+
+
 @torch.library.custom_op("torchapprox::dequantize", mutates_args=())
-def dequantize(q: Tensor, scale: Tensor, axis: int) -> Tensor:
-    return q.to(scale.dtype) * _step(scale, q, axis)
+def dequantize(q: Tensor, scale: Tensor, zero_point: Tensor | None, axis: int) -> Tensor:
+    if axis == ELEMENTWISE:
+        return q.to(scale.dtype) * scale
+    levels = q.to(scale.dtype)
+    if zero_point is not None:
+        levels = levels - _step(zero_point.to(scale.dtype), q, axis)
+    return levels * _step(scale, q, axis)
 
 
 @dequantize.register_fake
-def _(q, scale, axis):
+def _(q, scale, zero_point, axis):
     return torch.empty(q.shape, dtype=scale.dtype, device=q.device)
 
 
-def dynamic_step(x: Tensor, bitwidth: int, grid: str) -> Tensor:
-    """ONNX's scale for x's own range: ``top / top_level``, 1 for an all-zero tensor."""
-    low, high = torch.aminmax(x.detach().float())
-    if grid == "unsigned":
-        top, level = high.clamp_min(0), torch.tensor(float(reference.unsigned_max(bitwidth)))
-    else:
-        top = torch.maximum(low.neg(), high)
-        level = torch.tensor(float(reference.int_max(bitwidth)))
-        if grid == "auto":
-            level = torch.where(low >= 0, float(reference.unsigned_max(bitwidth)), level)
-    return torch.where(top > 0, (top / level).clamp_min(torch.finfo(torch.float32).tiny), 1.0)
+@torch.library.custom_op("torchapprox::export_qdq", mutates_args=())
+def export_qdq_op(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int, qmax: int, may_clamp: bool) -> Tensor:
+    level = torch.round(x / scale)
+    if zero_point is not None:
+        level = level + zero_point
+    level = torch.clamp(level, qmin, qmax)
+    if zero_point is not None:
+        level = level - zero_point
+    return level * scale
 
 
-@torch.library.custom_op("torchapprox::quantize_dequantize", mutates_args=())
-def quantize_dequantize(x: Tensor, bitwidth: int, grid: str) -> Tensor:
-    step = dynamic_step(x, bitwidth, grid)
-    qmin, qmax = reference.grid_bounds(bitwidth, grid)
-    return (torch.clamp(torch.round(x.float() / step), qmin, qmax) * step).to(x.dtype)
-
-
-@quantize_dequantize.register_fake
-def _(x, bitwidth, grid):
+@export_qdq_op.register_fake
+def _(x, scale, zero_point, qmin, qmax, may_clamp):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("torchapprox::quantize_dequantize_static", mutates_args=())
-def quantize_dequantize_static(x: Tensor, scale: Tensor, low: float, high: float, bitwidth: int, grid: str) -> Tensor:
-    qmin, qmax = reference.grid_bounds(bitwidth, grid)
-    clipped = torch.clamp(x.float(), low, high)
-    return (torch.clamp(torch.round(clipped / scale), qmin, qmax) * scale).to(x.dtype)
-
-
-@quantize_dequantize_static.register_fake
-def _(x, scale, low, high, bitwidth, grid):
-    return torch.empty_like(x)
+def export_qdq(x: Tensor, qp) -> Tensor:
+    """The one rounding op as it is exported: casts and the clip as plain ops, the rounding
+    as ``torchapprox::export_qdq``. Values equal ``quantize_dequantize``'s."""
+    qp = qp.detach()
+    compute = x.to(qp.scale.dtype)
+    if qp.clip is not None:
+        compute = torch.clamp(compute, qp.clip[0].to(compute.dtype), qp.clip[1].to(compute.dtype))
+    container(qp.qmin, qp.qmax)  # fails here, before the exporter does, with the levels named
+    out = torch.ops.torchapprox.export_qdq(compute, qp.scale, qp.zero_point, qp.qmin, qp.qmax,
+                                           qp.may_clamp and qp.clip is None)
+    return out.to(x.dtype)

@@ -3,7 +3,7 @@ quantized forward (see :func:`register_layer` to add a layer type of your own)."
 
 from . import builtin  # noqa: F401 - registers the built-in layer types
 from .functional import (quantized_bias, quantized_conv, quantized_input, quantized_linear, quantized_weight,
-                         quantized_weight_and_scale, quantizer_of)
+                         quantized_weight_and_qparams, quantizer_of)
 from .registry import LayerType, find_layer_type, register_layer, registered_types
 
 __all__ = [
@@ -14,7 +14,7 @@ __all__ = [
     "quantized_input",
     "quantized_linear",
     "quantized_weight",
-    "quantized_weight_and_scale",
+    "quantized_weight_and_qparams",
     "quantizer_of",
     "register_layer",
     "registered_types",

@@ -4,16 +4,16 @@
 |---|---|---|
 | ``nn.Linear`` | weight (0) | input |
 | ``nn.Conv1d/2d/3d`` | weight (0) | input |
-| ``nn.ConvTranspose1d/2d/3d`` | weight (1) | input |
+| ``nn.ConvTranspose1d/2d/3d`` | weight (1; grouped: per group and column) | input |
 | ``nn.Embedding``, ``nn.EmbeddingBag`` | weight (0: one scale per row) | none (indices) |
 | ``nn.MultiheadAttention`` | in_proj_weight or q/k/v_proj_weight (0) | query, key, value |
 | ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` | every weight matrix (0) | input (see ``recurrent``) |
 | transformers' ``Conv1D`` | weight (1: stored ``[in, out]``) | input |
 
-Biases stay in float, except where the input's scale is a constant (calibrated or running
-ranges): then an integer runtime adds them as int32 at the scale of the product of the input
-and weight steps, and so do these layers (``functional.quantized_bias``). MultiheadAttention's ``out_proj`` is an ``nn.Linear`` of its own, quantized
-(or excluded) as one.
+Biases stay in float, except where the input's quantization parameters are constant
+(calibrated or running ranges, learned steps): then an integer runtime adds them as int32 at
+the product of the input and weight steps, and so do these layers (``functional.quantized_bias``).
+MultiheadAttention's ``out_proj`` is an ``nn.Linear`` of its own, quantized (or excluded) as one.
 """
 
 from __future__ import annotations
@@ -23,23 +23,23 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .attention import multihead_attention_forward
-from .functional import quantized_bias, quantized_conv, quantized_linear, quantized_weight, quantized_weight_and_scale
+from .functional import quantized_conv, quantized_linear, quantized_weight, quantized_weight_and_qparams
 from .recurrent import recurrent_forward, recurrent_weights
 from .registry import register_layer
 
 
 @register_layer(nn.Linear, weights={"weight": 0})
 def linear_forward(layer: nn.Linear, input: Tensor) -> Tensor:
-    weight, weight_scale = quantized_weight_and_scale(layer)
-    return quantized_linear(layer, input, weight, quantized_bias(layer, layer.bias, weight_scale))
+    weight, weight_qparams = quantized_weight_and_qparams(layer)
+    return quantized_linear(layer, input, weight, layer.bias, weight_qparams=weight_qparams)
 
 
 @register_layer("transformers.pytorch_utils.Conv1D", weights={"weight": 1})
 def transformers_conv1d_forward(layer: nn.Module, x: Tensor) -> Tensor:
     # transformers' Conv1D (GPT-2 and relatives) stores its weight [in, out] and computes
     # x @ weight + bias: a linear layer with the transposed weight.
-    weight, weight_scale = quantized_weight_and_scale(layer)
-    return quantized_linear(layer, x, weight.t(), quantized_bias(layer, layer.bias, weight_scale))
+    weight, weight_qparams = quantized_weight_and_qparams(layer)
+    return quantized_linear(layer, x, weight.t(), layer.bias, weight_qparams=weight_qparams)
 
 
 def _input_and_padding(layer: nn.Module, input: Tensor) -> tuple[Tensor, list[int]]:
@@ -65,9 +65,9 @@ def conv_forward(layer: nn.Module, input: Tensor) -> Tensor:
     # Padding copies values (or adds zeros), which changes neither max|x| nor the grid a
     # tensor picks, so quantizing the padded input equals padding the quantized one.
     input, padding = _input_and_padding(layer, input)
-    weight, weight_scale = quantized_weight_and_scale(layer)
-    return quantized_conv(layer, input, weight, quantized_bias(layer, layer.bias, weight_scale), layer.stride, padding,
-                          layer.dilation, layer.groups)
+    weight, weight_qparams = quantized_weight_and_qparams(layer)
+    return quantized_conv(layer, input, weight, layer.bias, layer.stride, padding, layer.dilation, layer.groups,
+                          weight_qparams=weight_qparams)
 
 
 def conv_transpose_forward(layer: nn.Module, input: Tensor, output_size: list[int] | None = None) -> Tensor:
@@ -78,15 +78,21 @@ def conv_transpose_forward(layer: nn.Module, input: Tensor, output_size: list[in
     # computes it, and this method reads the layer without changing it.
     output_padding = layer._output_padding(input, output_size, layer.stride, layer.padding, layer.kernel_size, dims,
                                            layer.dilation)
-    weight, weight_scale = quantized_weight_and_scale(layer)
-    return quantized_conv(layer, input, weight, quantized_bias(layer, layer.bias, weight_scale), layer.stride,
-                          layer.padding, layer.dilation, layer.groups, transposed=True, output_padding=output_padding)
+    weight, weight_qparams = quantized_weight_and_qparams(layer)
+    return quantized_conv(layer, input, weight, layer.bias, layer.stride, layer.padding, layer.dilation, layer.groups,
+                          transposed=True, output_padding=output_padding, weight_qparams=weight_qparams)
 
 
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
     register_layer(_conv, weights={"weight": 0}, forward=conv_forward)
+def _conv_transpose_weights(layer: nn.Module) -> dict[str, tuple[int, int]]:
+    # The weight is [in, out/groups, ...]: with groups, output channel g * (out/groups) + j
+    # is column j of group g's rows, so per-channel scales need the groups too.
+    return {"weight": (1, layer.groups)}
+
+
 for _conv in (nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-    register_layer(_conv, weights={"weight": 1}, forward=conv_transpose_forward)
+    register_layer(_conv, weights=_conv_transpose_weights, forward=conv_transpose_forward)
 
 
 def _renorm_rows(layer: nn.Module, input: Tensor) -> None:

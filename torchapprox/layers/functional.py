@@ -1,10 +1,12 @@
-"""Building blocks of quantized layer forwards: quantized weights, quantized inputs, and
-linear/convolution that keep their float input (not its grid values) for backward.
+"""Building blocks of quantized layer forwards: quantized weights, quantized inputs, the bias
+on the accumulator grid, and linear/convolution that keep their float input (not its grid
+values) for backward.
 
 Every function reads the layer's quantizers (``<name>_quantizer`` submodules, put there by
-``torchapprox.attach``) and passes quantized tensors explicitly to the functional op: no
-attribute of the layer is swapped or written during a forward pass, so one model can run
-in several threads at once. A layer without a given quantizer computes in float.
+``torchapprox.attach``) through the quantizer contract only: ``qparams`` / ``fake_quantize``
+and the one rounding op (``torchapprox.quantizers.qparams``). Quantized tensors are passed
+explicitly to the functional op: no attribute of the layer is swapped or written during a
+forward pass. A layer without a given quantizer computes in float.
 """
 
 from __future__ import annotations
@@ -16,8 +18,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quantizers import reference
-from ..quantizers.approx_quantizer import ApproxQuantizer, check_float_tensor, quantization_error
-from ..quantizers.ops import RoundToGrid, apply, differentiable, with_eager_twin
+from ..quantizers.approx_quantizer import ApproxQuantizer, check_float_tensor
+from ..quantizers.ops import apply, differentiable, with_eager_twin
+from ..quantizers.qparams import QParams, quantize_dequantize, straight_through_mask
+from ..quantizers.qparams import _plain_values as rounded_values
 
 
 def quantizer_of(layer: nn.Module, name: str) -> ApproxQuantizer | None:
@@ -25,105 +29,112 @@ def quantizer_of(layer: nn.Module, name: str) -> ApproxQuantizer | None:
     return layer._modules.get(f"{name}_quantizer")
 
 
-def _record(quantizer: ApproxQuantizer, x: Tensor, x_fake: Tensor, scale: Tensor) -> None:
-    if quantizer.record_statistics and x.numel() > 0:
-        quantizer.last_statistics = quantization_error(x, x_fake, scale)
+def _report(layer: nn.Module, name: str, quantizer: ApproxQuantizer, x: Tensor, x_fake: Tensor, qp: QParams) -> None:
+    collector = quantizer._collector  # an open statistics collector (torchapprox.statistics)
+    if collector is not None:
+        collector.record(quantizer, (layer, name), x, x_fake, qp)
 
 
-def quantize_with(quantizer: ApproxQuantizer | None, x: Tensor) -> Tensor:
-    """``x`` fake-quantized by ``quantizer`` (as it is without one), statistics recorded."""
-    if quantizer is None:
-        return x
-    x_fake, scale = quantizer.fake_quantize_with_scale(x)
-    _record(quantizer, x, x_fake, scale)
-    return x_fake
-
-
-def quantized_weight(layer: nn.Module, name: str = "weight") -> Tensor:
-    """The layer's weight ``name``, fake-quantized by its quantizer (float without one).
+def quantized_weight_and_qparams(layer: nn.Module, name: str = "weight") -> tuple[Tensor, QParams | None]:
+    """The layer's weight ``name`` fake-quantized by its quantizer, and its quantization
+    parameters (the float weight and None without a quantizer).
 
     The weight is read with ``getattr``, so a pruned weight (``torch.nn.utils.prune``) or a
     parametrized one (``weight_norm``, ``spectral_norm``, any ``torch.nn.utils.parametrize``)
     is quantized on its effective value, with gradients reaching the tensors behind it.
     """
-    return quantize_with(quantizer_of(layer, name), getattr(layer, name))
-
-
-def quantized_weight_and_scale(layer: nn.Module, name: str = "weight") -> tuple[Tensor, Tensor | None]:
-    """:func:`quantized_weight` and the step it was quantized with (None without a quantizer)."""
     quantizer, weight = quantizer_of(layer, name), getattr(layer, name)
     if quantizer is None:
         return weight, None
-    weight_fake, scale = quantizer.fake_quantize_with_scale(weight)
-    _record(quantizer, weight, weight_fake, scale)
-    return weight_fake, scale
+    weight_fake, qp = quantizer.fake_quantize(weight)
+    _report(layer, name, quantizer, weight, weight_fake, qp)
+    return weight_fake, qp
 
 
-# An integer runtime adds the bias to the int32 accumulator of input x weight levels.
-BIAS_BOUNDS = (-(2**31 - 1), 2**31 - 1)
-
-
-def quantized_bias(layer: nn.Module, bias: Tensor | None, weight_scale: Tensor | None, name: str = "input"
-                   ) -> Tensor | None:
-    """The bias on the grid of the accumulator when the input's scale is a constant.
-
-    An integer runtime computes a quantized linear or convolution layer as an int32 sum of
-    input levels times weight levels plus the bias quantized to int32 at the product of
-    the two steps: ``round(bias / (s_input * s_weight))`` (ONNX's QLinearConv and
-    QGemm/MatMulInteger paths; ONNX Runtime rewrites a QDQ graph with constant input
-    scales into them). So when the input's scale is a constant (a calibrated or running
-    range), the bias is put on that grid here too, with the straight-through gradient,
-    and the exported model computes the trained numbers. With scales taken from each
-    tensor the runtime cannot precompute the bias's scale, keeps it in float, and so
-    does this function. ``weight_scale``: the weight's step, one or one per output channel.
-    """
-    quantizer = quantizer_of(layer, name)
-    if bias is None or weight_scale is None or quantizer is None:
-        return bias
-    input_scale = quantizer.constant_scale()
-    if input_scale is None:
-        return bias
-    weight_scale = weight_scale.reshape(-1)
-    if 1 < weight_scale.numel() < bias.numel():  # grouped transposed convolutions repeat their channels
-        weight_scale = weight_scale.repeat(bias.numel() // weight_scale.numel())
-    step = (input_scale.to(weight_scale.dtype) * weight_scale).to(reference.compute_dtype(bias.dtype))
-    if differentiable(bias) and not torch.jit.is_tracing() and not torch.compiler.is_exporting():
-        return apply(RoundToGrid, bias, step, *BIAS_BOUNDS)
-    # No gradient to pass (an exported graph: plain ops on constants, folded by the runtime).
-    return reference.round_to_grid(bias, step, *BIAS_BOUNDS)
+def quantized_weight(layer: nn.Module, name: str = "weight") -> Tensor:
+    """The layer's weight ``name``, fake-quantized by its quantizer (float without one)."""
+    return quantized_weight_and_qparams(layer, name)[0]
 
 
 def quantized_input(layer: nn.Module, x: Tensor, name: str = "input") -> Tensor:
     """The float input ``x`` fake-quantized by the layer's ``<name>_quantizer``."""
-    return quantize_with(quantizer_of(layer, name), x)
+    quantizer = quantizer_of(layer, name)
+    if quantizer is None:
+        return x
+    x_fake, qp = quantizer.fake_quantize(x)
+    _report(layer, name, quantizer, x, x_fake, qp)
+    return x_fake
 
 
-def _recompute_plan(quantizer: ApproxQuantizer | None, x: Tensor, *others: Tensor | None) -> tuple[int, str] | None:
-    """(bitwidth, grid) when the layer should save x and recompute its grid values in
-    backward; None when there is nothing to save (no grad) or it cannot be recomputed."""
-    if quantizer is None or not quantizer.recompute_in_backward:
-        return None
-    args = quantizer.fused_kernel_args()
-    # Under torch.jit.trace the plain composition is recorded: a traced autograd Function
-    # is an opaque Python node, and its trace would differ from the no-grad trace check's.
-    if args is None or torch.jit.is_tracing() or not differentiable(x, *others):
-        return None
-    check_float_tensor(x)
-    return args
+# An integer runtime adds the bias to the int32 accumulator of input x weight levels.
+BIAS_LIMIT = 2**31 - 1
 
 
-def quantized_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, name: str = "input") -> Tensor:
+def quantized_bias(bias: Tensor | None, weight_qparams: QParams | None, input_qparams: QParams | None
+                   ) -> Tensor | None:
+    """The bias on the grid of the int32 accumulator when the input's parameters are constant.
+
+    An integer runtime computes a quantized linear or convolution layer as an int32 sum of
+    input levels times weight levels plus the bias quantized to int32 at the product of
+    the two steps, ``round(bias / (s_input * s_weight))`` (ONNX's QLinearConv, QGemm and
+    MatMulInteger paths). So when the input's parameters are constant (a calibrated or
+    running range, a learned step; ``QParams.constant``) the bias is put on that grid here
+    too, straight through (no gradient reaches the steps through it), and the exported
+    model computes the trained numbers. A channel whose bias does not fit in int32 at that
+    step (a tiny step: 16 bits, small weights) keeps its float bias: the bias never moves
+    by more than half its grid step. With scales taken from each tensor the runtime cannot
+    precompute the bias's scale and keeps it in float, and so does this function.
+
+    Args:
+        bias: the layer's bias (1-D, one per output channel) or None.
+        weight_qparams: the weight's parameters (``QParams.channels`` per output channel).
+        input_qparams: the input's parameters.
+    """
+    if bias is None or weight_qparams is None or input_qparams is None or not input_qparams.constant:
+        return bias
+    if input_qparams.scale.dim() != 0 or input_qparams.zero_point is not None and input_qparams.zero_point.dim():
+        return bias  # not one input step: no single accumulator grid
+    dtype = reference.compute_dtype(bias.dtype)
+    weight_step = weight_qparams.channel_scale().detach()
+    step = (input_qparams.scale.detach().to(weight_step.dtype) * weight_step).to(dtype)
+    with torch.no_grad():
+        level = torch.round(bias.detach().to(dtype) / step)
+        fits = torch.logical_and(level.abs() <= BIAS_LIMIT, torch.isfinite(level))
+        on_grid = torch.where(fits, level * step, bias.detach().to(dtype)).to(bias.dtype)
+    if differentiable(bias) and not torch.jit.is_tracing():
+        return bias + (on_grid - bias).detach()  # straight through to the bias
+    return on_grid
+
+
+def _keeps_grid_values(quantizer: ApproxQuantizer, *tensors: Tensor | None) -> bool:
+    """Whether a layer quantizes its input outside its own autograd node (and so keeps the
+    grid values for backward): no gradient to compute, the quantization parameters take
+    a gradient themselves, the quantizer asks for it, or torch.jit.trace (which records the
+    plain composition: a traced autograd Function is an opaque Python node)."""
+    return (quantizer.differentiable_qparams or not quantizer.recompute_in_backward or torch.jit.is_tracing()
+            or not differentiable(*tensors))
+
+
+def quantized_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, name: str = "input", *,
+                     weight_qparams: QParams | None = None) -> Tensor:
     """``F.linear(quantized x, weight, bias)``; ``weight`` is already quantized (or float).
 
-    With ``recompute_in_backward`` (the default) the layer saves x, not its grid values,
-    and recomputes them in backward: no extra activation lives until backward.
+    With the quantizer's ``recompute`` (the default) the layer saves x, not its grid
+    values, and recomputes them in backward: no extra activation lives until backward.
+    ``weight_qparams`` (the weight's parameters) puts the bias on the accumulator grid
+    when the input's parameters are constant (:func:`quantized_bias`).
     """
     quantizer = quantizer_of(layer, name)
-    plan = _recompute_plan(quantizer, x, weight, bias)
-    if plan is None:
-        return F.linear(quantize_with(quantizer, x), weight, bias)
-    out, x_fake, scale = apply(_QuantizedLinear, x, weight, bias, *plan)
-    _record(quantizer, x, x_fake, scale)
+    if quantizer is None:
+        return F.linear(x, weight, bias)
+    if _keeps_grid_values(quantizer, x, weight, bias):
+        x_fake, qp = quantizer.fake_quantize(x)
+        _report(layer, name, quantizer, x, x_fake, qp)
+        return F.linear(x_fake, weight, quantized_bias(bias, weight_qparams, qp))
+    qp = quantizer.qparams(x)
+    bias = quantized_bias(bias, weight_qparams, qp)
+    out, x_fake = apply(_QuantizedLinear, x, weight, bias, *_flat(qp))
+    _report(layer, name, quantizer, x, x_fake, qp)
     return out
 
 
@@ -139,6 +150,8 @@ def quantized_conv(
     transposed: bool = False,
     output_padding: Sequence[int] | None = None,
     name: str = "input",
+    *,
+    weight_qparams: QParams | None = None,
 ) -> Tensor:
     """``torch.convolution`` of the quantized ``x`` (batched or not) with ``weight``
     (already quantized), saving x rather than its grid values for backward (see
@@ -147,40 +160,58 @@ def quantized_conv(
     unbatched = x.dim() == weight.dim() - 1
     if unbatched:
         x = x.unsqueeze(0)
-    stride, padding, dilation = list(stride), list(padding), list(dilation)
-    output_padding = [0] * len(stride) if output_padding is None else list(output_padding)
+    geometry = (list(stride), list(padding), list(dilation), transposed,
+                [0] * len(stride) if output_padding is None else list(output_padding), groups)
     quantizer = quantizer_of(layer, name)
-    plan = _recompute_plan(quantizer, x, weight, bias)
-    if plan is None:
-        out = torch.convolution(quantize_with(quantizer, x), weight, bias, stride, padding, dilation, transposed,
-                                output_padding, groups)
+    if quantizer is None:
+        out = torch.convolution(x, weight, bias, *geometry)
+    elif _keeps_grid_values(quantizer, x, weight, bias):
+        x_fake, qp = quantizer.fake_quantize(x)
+        _report(layer, name, quantizer, x, x_fake, qp)
+        out = torch.convolution(x_fake, weight, quantized_bias(bias, weight_qparams, qp), *geometry)
     else:
-        out, x_fake, scale = apply(_QuantizedConv, x, weight, bias, *plan, stride, padding, dilation, transposed,
-                                   output_padding, groups)
-        _record(quantizer, x, x_fake, scale)
+        qp = quantizer.qparams(x)
+        bias = quantized_bias(bias, weight_qparams, qp)
+        out, x_fake = apply(_QuantizedConv, x, weight, bias, *_flat(qp), *geometry)
+        _report(layer, name, quantizer, x, x_fake, qp)
     return out.squeeze(0) if unbatched else out
 
 
 # ---------------------------------------------------------------- the autograd Functions
-def _recompute(x: Tensor, scale: Tensor, bounds: tuple[int, int]) -> Tensor:
+def _flat(qp: QParams) -> tuple:
+    """The parameters an autograd Function takes (tensors and ints, no NamedTuple)."""
+    low, high = (None, None) if qp.clip is None else qp.clip
+    return qp.scale, qp.zero_point, low, high, qp.qmin, qp.qmax, qp.may_clamp
+
+
+def _unflat(scale, zero_point, low, high, qmin, qmax, may_clamp) -> QParams:
+    return QParams(scale, qmin, qmax, zero_point, None if low is None else (low, high), may_clamp=may_clamp)
+
+
+def _recompute(x: Tensor, qp: QParams) -> Tensor:
     # Differentiable when backward builds a graph itself (double backward), so that the
     # gradient of the gradient passes straight through the rounding to x as well.
     if torch.is_grad_enabled():
-        return apply(RoundToGrid, x, scale, *bounds)
-    return torch.ops.torchapprox.round_to_grid(x, scale, *bounds)
+        return quantize_dequantize(x, qp)
+    return rounded_values(x, qp)
 
 
-def _setup(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, bitwidth: int, grid: str, output) -> None:
-    _, x_fake, scale = output
-    ctx.mark_non_differentiable(x_fake, scale)
-    # The outputs x_fake and scale get no gradient: without this autograd would pass a
-    # tensor of zeros for each, one input-sized allocation and fill per layer and step.
+def _setup(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, qp_args: tuple, output) -> None:
+    _, x_fake = output
+    ctx.mark_non_differentiable(x_fake)
+    # x_fake gets no gradient: without this autograd would pass a tensor of zeros for it,
+    # one input-sized allocation and fill per layer and step.
     ctx.set_materialize_grads(False)
-    ctx.save_for_backward(x, scale, weight)
-    ctx.bounds = reference.grid_bounds(bitwidth, grid)
-    ctx.clips = grid == "unsigned"  # a scale from x's own range clips only below 0 there
+    scale, zero_point, low, high, qmin, qmax, may_clamp = qp_args
+    ctx.save_for_backward(x, weight, scale, zero_point, low, high)
+    ctx.bounds = (qmin, qmax, may_clamp)
     ctx.bias_size = None if bias is None else list(bias.shape)
     ctx.dtypes = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+
+
+def _saved(ctx) -> tuple[Tensor, Tensor, QParams]:
+    x, weight, scale, zero_point, low, high = ctx.saved_tensors
+    return x, weight, _unflat(scale, zero_point, low, high, *ctx.bounds)
 
 
 def _in_backward_dtype(grad: Tensor, *tensors: Tensor) -> list[Tensor]:
@@ -189,11 +220,12 @@ def _in_backward_dtype(grad: Tensor, *tensors: Tensor) -> list[Tensor]:
     return [t if t.dtype == grad.dtype else t.to(grad.dtype) for t in tensors]
 
 
-def _input_gradient(ctx, grad_x: Tensor | None, x: Tensor, scale: Tensor) -> Tensor | None:
+def _input_gradient(ctx, grad_x: Tensor | None, x: Tensor, qp: QParams) -> Tensor | None:
     if grad_x is None:
         return None
-    if ctx.clips:
-        grad_x = grad_x * reference.straight_through_mask(x, scale, *ctx.bounds)
+    mask = straight_through_mask(x, qp)
+    if mask is not None:
+        grad_x = grad_x * mask
     return _cast(grad_x, ctx.dtypes[0])
 
 
@@ -203,25 +235,27 @@ def _cast(grad: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
 
 @with_eager_twin
 class _QuantizedLinear(torch.autograd.Function):
-    """``F.linear(fake_quantize(x), weight, bias)`` that saves x and the scale, not the grid
-    values; returns ``(out, x_fake, scale)`` (the last two for statistics only)."""
+    """``F.linear(quantize_dequantize(x, qparams), weight, bias)`` that saves x and the
+    parameters, not the grid values; returns ``(out, x_fake)`` (x_fake for statistics)."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, weight, bias, bitwidth, grid):
-        x_fake, scale = torch.ops.torchapprox.fake_quantize(x, bitwidth, grid, [])
-        return F.linear(x_fake, weight, bias), x_fake, scale
+    def forward(x, weight, bias, scale, zero_point, low, high, qmin, qmax, may_clamp):
+        check_float_tensor(x)
+        x_fake = rounded_values(x, _unflat(scale, zero_point, low, high, qmin, qmax, may_clamp))
+        return F.linear(x_fake, weight, bias), x_fake
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        _setup(ctx, *inputs, output)
+        x, weight, bias, *qp_args = inputs
+        _setup(ctx, x, weight, bias, tuple(qp_args), output)
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_x_fake, _grad_scale):
+    def backward(ctx, grad_out, _grad_x_fake):
         if grad_out is None:  # the output was not used (see set_materialize_grads)
-            return None, None, None, None, None
-        x, scale, weight = ctx.saved_tensors
+            return (None,) * 10
+        x, weight, qp = _saved(ctx)
         needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
         grad_x = grad_weight = grad_bias = None
         flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
@@ -229,48 +263,49 @@ class _QuantizedLinear(torch.autograd.Function):
             (weight_cast,) = _in_backward_dtype(grad_out, weight)
             grad_x = grad_out.matmul(weight_cast)
         if needs_weight:
-            (x_fake,) = _in_backward_dtype(grad_out, _recompute(x, scale, ctx.bounds))
+            (x_fake,) = _in_backward_dtype(grad_out, _recompute(x, qp))
             grad_weight = flat_grad.t().mm(x_fake.reshape(-1, x_fake.shape[-1]))
         if needs_bias:
             grad_bias = flat_grad.sum(0)
-        return (_input_gradient(ctx, grad_x, x, scale), _cast(grad_weight, ctx.dtypes[1]),
-                _cast(grad_bias, ctx.dtypes[2]), None, None)
+        return (_input_gradient(ctx, grad_x, x, qp), _cast(grad_weight, ctx.dtypes[1]),
+                _cast(grad_bias, ctx.dtypes[2])) + (None,) * 7
 
 
 @with_eager_twin
 class _QuantizedConv(torch.autograd.Function):
-    """``torch.convolution(fake_quantize(x), weight, bias, ...)`` that saves x and the scale,
-    not the grid values; returns ``(out, x_fake, scale)``."""
+    """``torch.convolution(quantize_dequantize(x, qparams), weight, bias, ...)`` that saves x
+    and the parameters, not the grid values; returns ``(out, x_fake)``."""
 
     generate_vmap_rule = True
 
     @staticmethod
-    def forward(x, weight, bias, bitwidth, grid, stride, padding, dilation, transposed, output_padding, groups):
-        x_fake, scale = torch.ops.torchapprox.fake_quantize(x, bitwidth, grid, [])
+    def forward(x, weight, bias, scale, zero_point, low, high, qmin, qmax, may_clamp, stride, padding, dilation,
+                transposed, output_padding, groups):
+        check_float_tensor(x)
+        x_fake = rounded_values(x, _unflat(scale, zero_point, low, high, qmin, qmax, may_clamp))
         out = torch.convolution(x_fake, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-        return out, x_fake, scale
+        return out, x_fake
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, bitwidth, grid, *geometry = inputs
-        _setup(ctx, x, weight, bias, bitwidth, grid, output)
-        ctx.geometry = geometry
+        x, weight, bias, *rest = inputs
+        _setup(ctx, x, weight, bias, tuple(rest[:7]), output)
+        ctx.geometry = rest[7:]
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_x_fake, _grad_scale):
+    def backward(ctx, grad_out, _grad_x_fake):
         if grad_out is None:  # the output was not used (see set_materialize_grads)
-            return (None,) * 11
-        x, scale, weight = ctx.saved_tensors
+            return (None,) * 16
+        x, weight, qp = _saved(ctx)
         needs = list(ctx.needs_input_grad[:3])
         stride, padding, dilation, transposed, output_padding, groups = ctx.geometry
         # The grid values matter only to the weight's gradient; the input's needs x's shape.
-        source = _recompute(x, scale, ctx.bounds) if needs[1] else x
+        source = _recompute(x, qp) if needs[1] else x
         x_fake, weight_cast = _in_backward_dtype(grad_out, source, weight)
         grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
             grad_out, x_fake, weight_cast, ctx.bias_size, stride, padding, dilation, transposed, output_padding,
             groups, [needs[0], needs[1], needs[2] and ctx.bias_size is not None],
         )
-        return (_input_gradient(ctx, grad_x if needs[0] else None, x, scale),
+        return (_input_gradient(ctx, grad_x if needs[0] else None, x, qp),
                 _cast(grad_weight if needs[1] else None, ctx.dtypes[1]),
-                _cast(grad_bias if needs[2] else None, ctx.dtypes[2]),
-                None, None, None, None, None, None, None, None)
+                _cast(grad_bias if needs[2] else None, ctx.dtypes[2])) + (None,) * 13

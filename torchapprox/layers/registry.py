@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-WeightAxes = Mapping[str, int]
+WeightAxes = Mapping[str, "int | tuple[int, int]"]
 
 
 @dataclass(frozen=True)
@@ -28,10 +28,14 @@ class LayerType:
     inputs: tuple[str, ...]
     forward: Callable
 
+    def weight_layout(self, layer: nn.Module) -> dict[str, tuple[int, int]]:
+        """``{weight name: (output-channel axis, groups)}`` of this layer instance."""
+        weights = self.weights(layer) if callable(self.weights) else self.weights
+        return {name: (value if isinstance(value, tuple) else (value, 1)) for name, value in weights.items()}
+
     def weight_axes(self, layer: nn.Module) -> dict[str, int]:
         """``{weight name: output-channel axis}`` of this layer instance."""
-        weights = self.weights(layer) if callable(self.weights) else self.weights
-        return dict(weights)
+        return {name: axis for name, (axis, _) in self.weight_layout(layer).items()}
 
     @property
     def name(self) -> str:
@@ -57,7 +61,10 @@ def register_layer(
         weights: ``{attribute name: output-channel axis}`` of the weights to quantize (the
             axis is used with per-channel scales: 0 for ``nn.Linear``, 1 for
             ``nn.ConvTranspose2d``), or a function of the layer returning that dict (for
-            layers whose weights depend on their configuration, such as ``nn.LSTM``).
+            layers whose weights depend on their configuration, such as ``nn.LSTM``). An
+            axis may be given as ``(axis, groups)`` when the weight's first dimension is
+            split into ``groups`` blocks whose columns are different output channels (a
+            grouped ``nn.ConvTranspose2d``: ``(1, layer.groups)``).
         inputs: names of the float inputs the forward quantizes; each gets a quantizer
             ``<name>_quantizer`` on the layer. ``()`` for layers whose input is not a float
             tensor (embeddings).
@@ -99,6 +106,9 @@ def register_layer(
         if not isinstance(weights, Mapping) or not weights:
             raise TypeError(f"`weights` must be a non-empty dict {{weight name: output-channel axis}}, got {weights!r}")
         for name, axis in weights.items():
+            if isinstance(axis, tuple) and len(axis) == 2 and all(isinstance(a, int) and not isinstance(a, bool)
+                                                                  for a in axis):
+                continue
             if not isinstance(name, str) or isinstance(axis, bool) or not isinstance(axis, int):
                 raise TypeError(f"`weights` must map weight names (str) to axes (int), got {name!r}: {axis!r}")
     inputs = (inputs,) if isinstance(inputs, str) else tuple(inputs)

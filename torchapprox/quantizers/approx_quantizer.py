@@ -1,9 +1,32 @@
-"""The abstract quantizer interface every torchapprox quantizer implements."""
+"""ApproxQuantizer: the contract every quantizer family implements.
+
+A family computes the quantization parameters of a tensor, and that is all a layer, the
+bias grid, calibration, statistics and export ever ask of it:
+
+- ``compute_qparams(x) -> QParams`` (abstract): the scale (step), zero point, integer range
+  and clip range for ``x`` (see :mod:`torchapprox.quantizers.qparams`). Callers use
+  :meth:`ApproxQuantizer.qparams`, which checks x and feeds calibration first.
+- the one rounding op, :func:`~torchapprox.quantizers.qparams.quantize_dequantize`,
+  applies them; :meth:`fake_quantize` is that pair, and a family may override it with a
+  fused kernel that computes the very same values (tests hold it to the pair).
+- ``differentiable_qparams``: whether the parameters take a gradient in the current mode
+  (learned steps, a range gradient): layers then keep the grid values for backward rather
+  than recompute them.
+- optional hooks: :meth:`on_bitwidth_change` (a learned step moves to the new grid),
+  :meth:`state_tensors` / :meth:`load_state_tensors` (tensors kept between calls, outside
+  ``state_dict``), :meth:`synchronize` (their reduction across DDP ranks),
+  :meth:`begin_calibration` / :meth:`end_calibration` (static ranges).
+
+A quantizer is built from a :class:`torchapprox.QuantSpec` (``spec``) plus what the layer
+knows (``role``: "weight" or "input"; ``channel_axis`` and ``channel_groups`` for
+per-channel weights), through the registry (:func:`torchapprox.register_quantizer`).
+"""
 
 from __future__ import annotations
 
 import numbers
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -42,39 +65,71 @@ def check_float_tensor(x: object, name: str = "x") -> torch.Tensor:
     return x
 
 
+class RangeObserver:
+    """The lowest and highest values seen during a calibration (float32, on x's device)."""
+
+    def __init__(self) -> None:
+        self.low: torch.Tensor | None = None
+        self.high: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def observe(self, x: torch.Tensor) -> None:
+        if x.numel() == 0:
+            return
+        low, high = torch.aminmax(x.detach().float())
+        self.low = low if self.low is None else torch.minimum(self.low, low)
+        self.high = high if self.high is None else torch.maximum(self.high, high)
+
+    def range(self) -> torch.Tensor | None:
+        return None if self.low is None else torch.stack([self.low, self.high])
+
+
 class ApproxQuantizer(nn.Module, ABC):
-    """A quantizer of one tensor onto an integer grid of ``bitwidth`` bits.
+    """A quantizer of one tensor onto an integer grid, as its :class:`QuantSpec` says.
 
-    ``quantize(x)`` maps a float tensor to integer values (in x's dtype); calling the module
-    fake-quantizes (the grid values back in the float range of ``x``).
+    ``quantize(x)`` gives the integer levels (in x's dtype, with the straight-through
+    gradient times ``1 / scale``); calling the module fake-quantizes (the levels back in
+    x's float range, straight through). ``scale_factor`` (``1 / scale``) and ``scale`` are
+    those of the last direct call, kept only so that they can be read; layers use
+    :meth:`qparams` / :meth:`fake_quantize`, which keep nothing.
 
-    Subclasses implement ``quantize`` and ``scale_factor``. Layers call
-    ``fake_quantize_with_scale``, which must not change the quantizer's state (a forward
-    pass may run in several threads at once); its default goes through ``fake_quantize``
-    and ``scale_factor``, so a subclass that keeps per-call state should override it.
-
-    When ``record_statistics`` is True, each call through a quantized layer (and each call
-    of the module) keeps the quantization error of that call in ``last_statistics``. It is
-    off by default so that a training step pays nothing for statistics it does not log;
-    turning it on is the one case where a forward pass writes to the quantizer.
+    Subclasses implement :meth:`compute_qparams` and are registered with
+    :func:`torchapprox.register_quantizer` (see the module docstring for the whole contract).
     """
 
-    def __init__(self, bitwidth: int = 8) -> None:
-        super().__init__()
-        self._bitwidth = check_bitwidth(bitwidth)
-        self.record_statistics = False
-        self.last_statistics: dict[str, torch.Tensor] | None = None
-        # Read by the quantized layers (see torchapprox.attach): set_bitwidth leaves a pinned
-        # quantizer at its own bits; an input quantizer recomputes its grid values in
-        # backward rather than keeping them (memory for one elementwise pass).
-        self.pinned = False
-        self.recompute_in_backward = True
-        # "weight" or "input": what attach() put this quantizer on (None when used on its own).
-        self.role: str | None = None
+    family: str = ""  # the registered name (set by register_quantizer)
+    supports_calibration: bool = False  # whether end_calibration can freeze a static range
 
-    # Plain attributes written on calls: set directly, without nn.Module.__setattr__'s
-    # checks for parameters, buffers and submodules (several microseconds per call).
-    _PER_CALL = frozenset(("_scale", "last_statistics"))
+    def __init__(self, spec, *, role: str | None = None, channel_axis: int | None = None,
+                 channel_groups: int = 1) -> None:
+        from ..spec import QuantSpec
+
+        super().__init__()
+        if not isinstance(spec, QuantSpec):
+            raise TypeError(f"`spec` must be a torchapprox.QuantSpec, got {spec!r}")
+        self.spec = spec
+        self.role = role  # "weight" or "input": what attach() put this quantizer on (None: used alone)
+        self.channel_axis = channel_axis
+        self.channel_groups = int(channel_groups)
+        # set_bitwidth leaves a pinned quantizer (a rule set its bits) at its own bits.
+        self.pinned = False
+        self._observer: RangeObserver | None = None
+        self._collector = None  # set by an open statistics collector (torchapprox.statistics)
+        self._last_scale: torch.Tensor | None = None
+
+    @classmethod
+    def from_spec(cls, spec, *, role: str | None = None, channel_axis: int | None = None,
+                  channel_groups: int = 1) -> ApproxQuantizer:
+        """The quantizer ``spec`` describes, for a tensor of the given role and layout."""
+        return cls(spec, role=role, channel_axis=channel_axis, channel_groups=channel_groups)
+
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        """Refuse, with a ValueError naming the field, a spec this family cannot compute
+        (called once, when the spec is built). The default accepts every spec."""
+
+    # Plain attributes written on direct calls: set without nn.Module.__setattr__'s checks.
+    _PER_CALL = frozenset(("_last_scale", "_collector"))
 
     def __setattr__(self, name: str, value) -> None:
         if name in self._PER_CALL:
@@ -82,80 +137,148 @@ class ApproxQuantizer(nn.Module, ABC):
         else:
             super().__setattr__(name, value)
 
+    # ------------------------------------------------------------------------ the spec
     @property
     def bitwidth(self) -> int:
-        return self._bitwidth
+        return self.spec.bits
 
     @bitwidth.setter
     def bitwidth(self, value: int) -> None:
-        # Validate before assigning so a rejected value leaves the old bitwidth in place.
-        self._bitwidth = check_bitwidth(value)
+        value = check_bitwidth(value)  # a rejected value leaves the old bitwidth in place
+        old = self.spec.bits
+        if value != old:
+            self.spec = self.spec.replace(bits=value)
+            self.on_bitwidth_change(old, value)
 
     @property
     def int_max(self) -> int:
-        """Largest grid value: the narrow symmetric range, 8 bits -> [-127, 127]."""
-        return 2 ** (self._bitwidth - 1) - 1
-
-    @abstractmethod
-    def quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """``x`` scaled to the integer range and rounded (integer-valued, x's dtype)."""
+        """Largest level of the signed grid: the narrow symmetric range, 8 bits -> [-127, 127]."""
+        return 2 ** (self.bitwidth - 1) - 1
 
     @property
-    @abstractmethod
-    def scale_factor(self) -> torch.Tensor | None:
-        """The factor a float tensor is multiplied by to reach the integer range."""
+    def grid(self) -> str:
+        return self.spec.grid
 
-    def fake_quantize(self, x: torch.Tensor) -> torch.Tensor:
-        """Grid values in x's float range. The default divides ``quantize`` by the scale;
-        with a straight-through ``quantize`` (gradient * scale) the gradient is identity."""
-        return self.quantize(x) / self.scale_factor
+    @property
+    def recompute_in_backward(self) -> bool:
+        """Inputs: a layer recomputes the grid values in backward rather than keep them."""
+        return self.spec.recompute
+
+    @property
+    def differentiable_qparams(self) -> bool:
+        """Whether :meth:`qparams` takes a gradient in the current mode (default: no)."""
+        return False
+
+    # ------------------------------------------------------------------- the contract
+    def qparams(self, x: torch.Tensor):
+        """The :class:`QParams` of ``x`` (fed to a running calibration first).
+
+        Raises:
+            TypeError: x is not a floating-point tensor.
+        """
+        check_float_tensor(x)
+        if self._observer is not None:
+            self._observer.observe(x)
+        return self.compute_qparams(x)
+
+    @abstractmethod
+    def compute_qparams(self, x: torch.Tensor):
+        """The family's quantization parameters for ``x`` (a float tensor)."""
+
+    def fake_quantize(self, x: torch.Tensor):
+        """``(x_fake, qparams)``: x on its grid, straight through (the one rounding op)."""
+        from .qparams import quantize_dequantize
+
+        qp = self.qparams(x)
+        return quantize_dequantize(x, qp), qp
 
     def fake_quantize_with_scale(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(fake_quantize(x), scale)``, ``scale`` being the step between levels
-        (``1 / scale_factor``), leaving the quantizer unchanged where it can."""
-        return self.fake_quantize(x), 1.0 / self.scale_factor
+        """``(x_fake, scale)``: :meth:`fake_quantize` with the step alone (the 0.2 API, kept
+        for one release)."""
+        x_fake, qp = self.fake_quantize(x)
+        return x_fake, qp.scale
 
-    def constant_scale(self) -> torch.Tensor | None:
-        """The step this quantizer uses whatever the tensor (a calibrated or running range
-        in its current mode), or None when each tensor's own range decides it."""
-        return None
+    def quantize(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer levels of x, in x's dtype; gradient: straight through, times 1 / scale."""
+        from .qparams import quantize_levels
 
-    def fused_kernel_args(self) -> tuple[int, str] | None:
-        """``(bitwidth, grid)`` when this quantizer computes exactly
-        ``torchapprox::fake_quantize(x, bitwidth, grid, [])`` (a scale from x's own range,
-        one per tensor), so that a layer may save x and recompute its grid values in
-        backward; None otherwise (the layer then keeps the quantized tensor)."""
-        return None
+        qp = self.qparams(x)
+        self._keep_scale(qp)
+        return quantize_levels(x, qp)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x_fake = self.fake_quantize(x)
-        if self.record_statistics and x.numel() > 0:
-            self.last_statistics = quantization_error(x, x_fake, 1.0 / self.scale_factor)
+        x_fake, qp = self.fake_quantize(x)
+        self._keep_scale(qp)
+        if self._collector is not None:
+            self._collector.record(self, None, x, x_fake, qp)
         return x_fake
 
+    def _keep_scale(self, qp) -> None:
+        # One step per tensor (0-dim), else one per channel or per token, flattened.
+        scale = qp.channels if qp.channels is not None else qp.scale
+        self._last_scale = scale.detach() if scale.dim() == 0 else scale.detach().reshape(-1)
+
+    @property
+    def scale(self) -> torch.Tensor | None:
+        """The step of the last direct call (``quantize`` or the module), or None before."""
+        return self._last_scale
+
+    @property
+    def scale_factor(self) -> torch.Tensor | None:
+        """``1 / scale`` of the last direct call (the seed's ``int_max / max|x|``), or None."""
+        return None if self._last_scale is None else 1.0 / self._last_scale
+
+    # ------------------------------------------------------------------------- hooks
+    def on_bitwidth_change(self, old: int, new: int) -> None:
+        """Called after the bits changed (a schedule step, ``set_bitwidth``). Default: nothing."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """Tensors kept between calls outside ``state_dict()`` (ranges), by name."""
+        return {name: buffer for name, buffer in self._buffers.items()
+                if buffer is not None and name in self._non_persistent_buffers_set}
+
+    def check_state_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        """Raise a ValueError when this quantizer cannot use ``tensor`` as its ``name``."""
+        if name not in self._buffers:
+            raise ValueError(f"{type(self).__name__} keeps no {name!r}")
+
+    def load_state_tensors(self, tensors: Mapping[str, torch.Tensor], where: str = "quantizer") -> None:
+        """Restore what :meth:`state_tensors` returned; every tensor is checked first."""
+        for name, tensor in tensors.items():
+            try:
+                self.check_state_tensor(name, tensor)
+            except ValueError as error:
+                raise ValueError(f"{where}: {error}") from None
+        for name, tensor in tensors.items():
+            current = self._buffers.get(name)
+            device = current.device if current is not None else self._device()
+            setattr(self, name, tensor.detach().clone().to(device))
+
+    def _device(self) -> torch.device:
+        tensor = next(iter(self.parameters()), None)
+        return tensor.device if tensor is not None else torch.device("cpu")
+
+    def synchronize(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor]) -> None:
+        """Make the state tensors equal on every process: ``all_reduce(tensor, op)`` with op
+        "min", "max", "sum" or "mean" returns the reduced tensor. Default: nothing to do."""
+
+    def begin_calibration(self) -> None:
+        """Start observing the tensors passed to :meth:`qparams` (``torchapprox.calibrate``)."""
+        self._observer = RangeObserver()
+
+    @property
+    def observed_anything(self) -> bool:
+        """During a calibration: whether a tensor reached this quantizer."""
+        return self._observer is not None and self._observer.low is not None
+
+    def end_calibration(self) -> torch.Tensor | None:
+        """Stop observing; freeze what was seen. Returns ``[low, high]`` or None (nothing seen).
+        The default family cannot use a frozen range: it raises a TypeError."""
+        self._observer = None
+        raise TypeError(f"{type(self).__name__} (quantizer family {self.family!r}) has no static ranges to calibrate")
+
+    def cancel_calibration(self) -> None:
+        self._observer = None
+
     def extra_repr(self) -> str:
-        return f"bitwidth={self._bitwidth}"
-
-
-@torch.no_grad()
-def quantization_error(
-    x: torch.Tensor, x_fake: torch.Tensor, scale: torch.Tensor
-) -> dict[str, torch.Tensor]:
-    """Scale factor (``1 / scale``, the seed's ``int_max / max|x|``), MSE and SQNR (dB) of
-    one quantization, as 0-dim float64 device tensors.
-
-    For a per-channel quantization the scale factor is the mean of the channels' factors.
-    float64 because a float64 tensor's factor may exceed float32's range (max|x| = 1e-38
-    gives 1.3e40), and a logged inf would read as divergence.
-    Nothing here reads a value back to the host. Both powers are clamped to the smallest
-    normal float so that an exact quantization (or an all-zero tensor) gives a large finite
-    SQNR rather than inf/NaN, which would look like divergence.
-    """
-    x = x.detach().float()
-    error = x_fake.detach().float() - x
-    mse = error.square().mean()
-    signal = x.square().mean()
-    tiny = torch.finfo(torch.float32).tiny
-    sqnr_db = 10.0 * (signal.clamp_min(tiny).log10() - mse.clamp_min(tiny).log10())
-    scale_factor = 1.0 / scale.detach().double()
-    return {"scale_factor": scale_factor.mean(), "mse": mse.double(), "sqnr_db": sqnr_db.double()}
+        return f"{self.spec!r}" + ("" if self.role is None else f", role={self.role!r}")

@@ -210,18 +210,20 @@ def apply(function: type[torch.autograd.Function], *args):
     A Function with ``setup_context`` (which torch.func transforms need) makes every
     ``apply`` bind its arguments to ``forward``'s signature with ``inspect``: about 20 us,
     more than the fake quantization of a small tensor. Its old-style twin (``forward(ctx,
-    ...)``, made by :func:`with_eager_twin`) skips that. Under torch.func transforms torch
-    refuses old-style Functions with a RuntimeError before running anything; then, and
-    while torch.compile traces, the Function itself is applied.
+    ...)``, made by :func:`with_eager_twin`) skips that. Under torch.func transforms (which
+    refuse old-style Functions) and while torch.compile traces, the Function itself is
+    applied.
     """
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or _functorch_transforms_active():
         return function.apply(*args)
-    try:
-        return function.eager.apply(*args)
-    except RuntimeError as error:
-        if "setup_context" not in str(error):
-            raise
-        return function.apply(*args)
+    return function.eager.apply(*args)
+
+
+def _functorch_transforms_active() -> bool:
+    # torch.func exposes no public query of whether a transform (grad, vmap, ...) is active;
+    # this is the check torch.autograd.Function.apply itself makes before it refuses an
+    # old-style Function, so the two cannot disagree.
+    return torch._C._are_functorch_transforms_active()
 
 
 def with_eager_twin(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:

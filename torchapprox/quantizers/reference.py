@@ -73,19 +73,39 @@ def minmax_scale(x: torch.Tensor, bitwidth: int, grid: str, axes: list[int]) -> 
         # give one scale per element.
         reduce = [d for d in range(x.dim()) if d not in axes]
         low, high = (torch.amin(x, reduce, keepdim=True), torch.amax(x, reduce, keepdim=True)) if reduce else (x, x)
+    elif torch.compiler.is_exporting():
+        # What the ONNX exporter translates (ReduceMin/ReduceMax), in float32: ONNX Runtime
+        # has no bfloat16 reductions on the CPU, and the extremes are the same values.
+        compute = x.to(dtype)
+        low, high = compute.min(), compute.max()
     else:
         low, high = torch.aminmax(x)
     low, high = low.to(dtype), high.to(dtype)
+    # A NaN or an infinity anywhere in the tensor makes every scale NaN.
     nonfinite = torch.logical_not(torch.logical_and(torch.isfinite(low), torch.isfinite(high))).any()
+    return range_to_scale(low, high, bitwidth, grid, nonfinite)[0]
+
+
+def range_to_scale(low: torch.Tensor, high: torch.Tensor, bitwidth: int, grid: str,
+                   nonfinite: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(scale, lower, upper) of the range ``[low, high]``: the step between levels (the one
+    formula of the module docstring) and the clipping bounds of that grid. ``nonfinite``
+    (default: low or high not finite) marks where the scale is NaN."""
+    if nonfinite is None:
+        nonfinite = torch.logical_not(torch.logical_and(torch.isfinite(low), torch.isfinite(high)))
     if grid == "unsigned":
         top = high.clamp_min(0)
         top_level = torch.full_like(top, unsigned_max(bitwidth))
+        lower = torch.zeros_like(top)
     else:
         top = torch.maximum(low.neg(), high)
         top_level = torch.full_like(top, int_max(bitwidth))
+        lower = top.neg()
         if grid == "auto":
-            top_level = torch.where(low >= 0, torch.full_like(top, unsigned_max(bitwidth)), top_level)
-    return scale_from_range(top, top_level, nonfinite)
+            unsigned = low >= 0
+            top_level = torch.where(unsigned, torch.full_like(top, unsigned_max(bitwidth)), top_level)
+            lower = torch.where(unsigned, torch.zeros_like(top), lower)
+    return scale_from_range(top, top_level, nonfinite), lower, top
 
 
 def scale_from_range(top: torch.Tensor, top_level: torch.Tensor, nonfinite: torch.Tensor) -> torch.Tensor:
