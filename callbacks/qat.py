@@ -195,6 +195,7 @@ class QuantizationAwareTraining(Callback):
         self._recording_step: int | None = None
         self._last_logged_step: int | None = None
         self._calibrated = False
+        self._steps_synchronized = False
         self._module: weakref.ref | None = None  # the LightningModule the quantizers sit on
         self._pending_state: dict[str, Any] | None = None
 
@@ -332,6 +333,7 @@ class QuantizationAwareTraining(Callback):
                 self._check_reaches_final_bits(int(steps), "step", f"{int(steps)} training steps")
                 self._allow_one_compile_per_bitwidth(bitwidths)
         self._calibrated = False
+        self._steps_synchronized = False
         for companion in self.companions:
             companion.on_train_start(trainer, pl_module)
 
@@ -409,6 +411,7 @@ class QuantizationAwareTraining(Callback):
             self._on_bitwidth_change(trainer, pl_module, old, bitwidth)
 
     def _on_bitwidth_change(self, trainer: Trainer, pl_module: LightningModule, old: int, new: int) -> None:
+        self._steps_synchronized = False  # learned steps may start again from the data
         if new < old:
             for logger in trainer.loggers:
                 logger.log_metrics({"quant/transition": float(new)}, step=trainer.global_step)
@@ -417,6 +420,15 @@ class QuantizationAwareTraining(Callback):
             hook = getattr(listener, "on_bitwidth_change", None)
             if callable(hook):
                 hook(trainer, pl_module, old, new)
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        # A learned input step starts from each process's own first batch: average the
+        # steps once, before the first update, so that every rank trains the same ones.
+        if not self._steps_synchronized:
+            self._steps_synchronized = True
+            if any(p.requires_grad for q in pl_module.modules() if isinstance(q, ta.ApproxQuantizer)
+                   for p in q.parameters(recurse=False)):
+                self._synchronize(trainer, pl_module)
 
     # ------------------------------------------------------------ calibration, DDP state
     def _is_last_training_batch(self, trainer: Trainer, batch_idx: int) -> bool:
@@ -552,6 +564,7 @@ class QuantizationAwareTraining(Callback):
             ta.load_quantizer_state(module, dict(state_dict.get("quantizer_state") or {}))
             return
         _check_same_quantization(module, quantization)
+        _restore_bits(module, quantization)
         ta.load_quantizer_state(module, dict(quantization.get("tensors") or {}))
 
 
@@ -573,6 +586,19 @@ def _check_same_quantization(module: LightningModule, saved: Mapping[str, Any]) 
                 raise ValueError(f"QuantizationAwareTraining: the checkpoint quantized {layer}.{tensor} with "
                                  f"{field}={was[field]!r}, this run with {field}={is_.get(field)!r}: resume with the "
                                  "quantization options it was trained with")
+
+
+def _restore_bits(module: LightningModule, saved: Mapping[str, Any]) -> None:
+    """Every quantizer at the bits the checkpoint was saved at. A restore, not a change: the
+    state loaded with the model (learned steps) belongs to those bits, so no
+    ``on_bitwidth_change`` runs (it would move a learned step away from them)."""
+    layers = ta.quantized_layers(module)
+    for layer, tensors in saved.get("layers", {}).items():
+        for tensor, entry in tensors.items():
+            quantizer = getattr(layers[layer], f"{tensor}_quantizer")
+            bits = int(entry["spec"]["bits"])
+            if quantizer.spec.bits != bits:
+                quantizer.spec = quantizer.spec.replace(bits=bits)
 
 
 def _check_interval(value: object, name: str) -> int | None:

@@ -4,14 +4,15 @@ from .calibration import calibrate
 from .coverage import coverage, coverage_summary
 from .export import export_onnx
 from .layers import register_layer
-from .qat import (attach, detach, load_quantizer_state, quantization_state, quantized_layers, quantizer_state,
+from .qat import (attach, detach, float_state_dict, load_quantizer_state, quantization_state, quantized_layers, quantizer_state,
                   restore_quantization, set_bitwidth, synchronize_quantizers)
-from .quantizers import ApproxQuantizer, MinMaxQuant, QParams, register_quantizer
+from .quantizers import ApproxQuantizer, LSQQuant, MinMaxQuant, QParams, register_quantizer
 from .spec import QuantSpec
 from .statistics import collect_statistics, enable_statistics, statistics
 
 __all__ = [
     "ApproxQuantizer",
+    "LSQQuant",
     "MinMaxQuant",
     "QParams",
     "QuantSpec",
@@ -23,6 +24,7 @@ __all__ = [
     "detach",
     "enable_statistics",
     "export_onnx",
+    "float_state_dict",
     "load_quantizer_state",
     "quantization_state",
     "quantized_layers",

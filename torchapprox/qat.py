@@ -22,6 +22,8 @@ from .spec import LayerSpecs, QuantSpec, as_spec, check_rules, patterns_matching
 from .statistics import enable_statistics, statistics
 from .validation import check_bool, check_patterns
 
+QUANTIZER_SUFFIX = "_quantizer"
+
 # Attributes attach() leaves on a layer; detach() removes exactly these.
 _WEIGHTS_ATTR = "_torchapprox_weights"  # names of the layer's quantized weights
 _INPUTS_ATTR = "_torchapprox_inputs"  # names of the layer's quantized inputs
@@ -213,7 +215,8 @@ class _SharedWeightQuantizers:
                   axis: int | None, groups: int) -> ApproxQuantizer:
         source = weight_source(layer, weight_name)
         if id(source) not in self.by_source:
-            quantizer = build_quantizer(spec, role="weight", channel_axis=axis, channel_groups=groups)
+            quantizer = build_quantizer(spec, role="weight", channel_axis=axis, channel_groups=groups,
+                                        tensor=getattr(layer, weight_name))
             quantizer.pinned = pinned
             self.by_source[id(source)] = (quantizer, layer_name, axis)
             return quantizer
@@ -345,6 +348,16 @@ def synchronize_quantizers(model: nn.Module, all_reduce: Callable[[torch.Tensor,
 
 
 # ------------------------------------------------------------- saving and restoring
+def float_state_dict(state_dict: Mapping[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the quantizers' own entries (learned steps and their flags:
+    every key with a path component named ``<tensor>_quantizer``), so that a checkpoint of
+    a quantized model loads into the plain float model strictly:
+    ``model.load_state_dict(ta.float_state_dict(checkpoint["state_dict"]))``."""
+    return {key: value for key, value in state_dict.items()
+            if not any(part.endswith(QUANTIZER_SUFFIX) for part in key.split(".")[:-1])}
+
+
+
 STATE_FORMAT = 1
 
 
@@ -533,6 +546,7 @@ __all__ = [
     "attach",
     "detach",
     "enable_statistics",
+    "float_state_dict",
     "load_quantizer_state",
     "quantization_state",
     "quantized_layers",

@@ -22,6 +22,7 @@ from torch import nn
 from .quantizers.approx_quantizer import ApproxQuantizer
 
 STAT_NAMES = ("scale_factor", "mse", "sqnr_db")
+LEARNED_STAT = "step"  # the mean learned step, for quantizers that learn theirs
 
 
 @torch.no_grad()
@@ -45,13 +46,18 @@ def quantization_error(x: torch.Tensor, x_fake: torch.Tensor, scale: torch.Tenso
     return {"scale_factor": scale_factor.mean(), "mse": mse.double(), "sqnr_db": sqnr_db.double()}
 
 
+def _learns(quantizer: ApproxQuantizer) -> bool:
+    return any(p.requires_grad for p in quantizer._parameters.values() if p is not None)
+
+
 class StatisticsCollector:
     """Collects the quantization error of every quantized layer of ``model`` that runs
     while it is open (a context manager; :func:`collect_statistics` makes one).
 
     Results are keyed by layer name and kind: "weight" is the layer's first quantized
     weight (attention: the input projection; LSTM: ``weight_ih_l0``), "input" its first
-    quantized input (attention: the query).
+    quantized input (attention: the query). A quantizer that learns its step (the "lsq"
+    family) reports that step too (``step``: the mean over its channels).
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -61,6 +67,7 @@ class StatisticsCollector:
         # first input of each layer are its "weight" and "input" (the logged ones).
         self._sites: dict[tuple[int, str], tuple[str, str]] = {}
         self._kinds: dict[tuple[str, str], tuple[str, str]] = {}  # (layer, kind) -> (layer, tensor)
+        self._learned: set[tuple[str, str]] = set()  # the (layer, kind) whose quantizer learns its step
         for layer_name, layer in quantized_layers(model).items():
             weights, inputs = quantized_tensor_names(layer)
             for kind, names in (("weight", weights), ("input", inputs)):
@@ -68,6 +75,8 @@ class StatisticsCollector:
                     self._sites[(id(layer), tensor)] = (layer_name, tensor)
                 if names:
                     self._kinds[(layer_name, kind)] = (layer_name, names[0])
+                    if _learns(layer._modules[f"{names[0]}_quantizer"]):
+                        self._learned.add((layer_name, kind))
         self._order = list(self._kinds)  # every (layer, kind) the model can report, in order
         self._quantizers = list({id(m): m for m in model.modules() if isinstance(m, ApproxQuantizer)}.values())
         self._values: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
@@ -99,7 +108,10 @@ class StatisticsCollector:
             return
         key = self._sites.get((id(site[0]), site[1]))
         if key is not None:
-            self._values[key] = quantization_error(x, x_fake, qparams.channel_scale())
+            stats = quantization_error(x, x_fake, qparams.channel_scale())
+            if _learns(quantizer):
+                stats[LEARNED_STAT] = qparams.channel_scale().detach().double().mean()
+            self._values[key] = stats
 
     def _value(self, layer: str, kind: str) -> dict[str, torch.Tensor] | None:
         return self._values.get(self._kinds[(layer, kind)])
@@ -127,19 +139,21 @@ class StatisticsCollector:
         """``{"quant/{layer}/{kind}/{stat}": value}``, each the mean over the processes where
         that layer ran (``all_reduce(tensor, "sum")``; None: this process alone), read back
         to the host in one transfer. Every process reduces the same fixed-size tensor."""
-        tags = [f"quant/{layer}/{kind}/{stat}" for layer, kind in self._order for stat in STAT_NAMES]
+        names = {key: STAT_NAMES + ((LEARNED_STAT,) if key in self._learned else ()) for key in self._order}
+        tags = [f"quant/{layer}/{kind}/{stat}" for layer, kind in self._order for stat in names[(layer, kind)]]
         if not tags:
             return {}
         if device is None:
             device = next((v.device for stats in self._values.values() for v in stats.values()), torch.device("cpu"))
         values = torch.zeros(len(tags), dtype=torch.float64, device=device)
         present = torch.zeros(len(tags), dtype=torch.float64, device=device)
-        for index, key in enumerate(self._order):
-            stats = self._value(*key)
-            if stats is not None:
-                position = index * len(STAT_NAMES)
-                values[position:position + len(STAT_NAMES)] = torch.stack([stats[s].to(device) for s in STAT_NAMES])
-                present[position:position + len(STAT_NAMES)] = 1.0
+        position = 0
+        for key in self._order:
+            stats, count = self._value(*key), len(names[key])
+            if stats is not None and all(s in stats for s in names[key]):
+                values[position:position + count] = torch.stack([stats[s].to(device) for s in names[key]])
+                present[position:position + count] = 1.0
+            position += count
         both = torch.stack([values, present])
         if all_reduce is not None:
             both = all_reduce(both, "sum")
@@ -180,5 +194,5 @@ def statistics(model: nn.Module) -> dict[str, dict[str, dict[str, torch.Tensor]]
     return {} if collector is None else collector.results()
 
 
-__all__ = ["STAT_NAMES", "StatisticsCollector", "collect_statistics", "enable_statistics", "quantization_error",
+__all__ = ["LEARNED_STAT", "STAT_NAMES", "StatisticsCollector", "collect_statistics", "enable_statistics", "quantization_error",
            "statistics"]

@@ -98,11 +98,11 @@ def _exported_input(quantizer: ApproxQuantizer, where: str) -> ApproxQuantizer:
                          "(QuantizeLinear takes one scale per tensor or per channel of a constant); "
                          "attach with per_token_inputs=False to export")
     with torch.no_grad():
-        qp = quantizer.qparams(torch.zeros(1))
-    if qp.constant:
+        qp = quantizer.constant_qparams()
+    if qp is not None:
         return _ExportedConstantInput(quantizer, qp.detach(), where)
     ops.check_grid(quantizer.bitwidth, quantizer.grid, where)
-    return quantizer  # its scale is computed in the graph, from each tensor's own range
+    return quantizer  # its parameters are computed in the graph, from each tensor, by its own code
 
 
 def prepare_for_export(model: nn.Module) -> nn.Module:

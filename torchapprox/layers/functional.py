@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from ..quantizers import reference
 from ..quantizers.approx_quantizer import ApproxQuantizer, check_float_tensor
 from ..quantizers.ops import apply, differentiable, with_eager_twin
-from ..quantizers.qparams import QParams, quantize_dequantize, straight_through_mask
+from ..quantizers.qparams import QParams, quantize_dequantize, rounding_gradients, straight_through_mask
 from ..quantizers.qparams import _plain_values as rounded_values
 
 
@@ -115,6 +115,11 @@ def _keeps_grid_values(quantizer: ApproxQuantizer, *tensors: Tensor | None) -> b
             or not differentiable(*tensors))
 
 
+def _learns(quantizer: ApproxQuantizer) -> bool:
+    """Whether the quantizer has parameters of its own that train (a learned step)."""
+    return any(p.requires_grad for p in quantizer._parameters.values() if p is not None)
+
+
 def quantized_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, name: str = "input", *,
                      weight_qparams: QParams | None = None) -> Tensor:
     """``F.linear(quantized x, weight, bias)``; ``weight`` is already quantized (or float).
@@ -131,9 +136,11 @@ def quantized_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor |
         x_fake, qp = quantizer.fake_quantize(x)
         _report(layer, name, quantizer, x, x_fake, qp)
         return F.linear(x_fake, weight, quantized_bias(bias, weight_qparams, qp))
-    qp = quantizer.qparams(x)
-    bias = quantized_bias(bias, weight_qparams, qp)
-    out, x_fake = apply(_QuantizedLinear, x, weight, bias, *_flat(qp))
+    if _learns(quantizer):  # learned parameters: their gradient comes out of the same node
+        qp = quantizer.qparams(x)
+        out, x_fake = apply(_QuantizedLinearLearned, x, weight, quantized_bias(bias, weight_qparams, qp), *_flat(qp))
+    else:  # the quantizer's own fake_quantize (a fused kernel) inside the node
+        out, x_fake, qp = apply(_QuantizedLinear, x, weight, bias, quantizer, weight_qparams)
     _report(layer, name, quantizer, x, x_fake, qp)
     return out
 
@@ -170,9 +177,12 @@ def quantized_conv(
         _report(layer, name, quantizer, x, x_fake, qp)
         out = torch.convolution(x_fake, weight, quantized_bias(bias, weight_qparams, qp), *geometry)
     else:
-        qp = quantizer.qparams(x)
-        bias = quantized_bias(bias, weight_qparams, qp)
-        out, x_fake = apply(_QuantizedConv, x, weight, bias, *_flat(qp), *geometry)
+        if _learns(quantizer):
+            qp = quantizer.qparams(x)
+            out, x_fake = apply(_QuantizedConvLearned, x, weight, quantized_bias(bias, weight_qparams, qp),
+                                *_flat(qp), *geometry)
+        else:
+            out, x_fake, qp = apply(_QuantizedConv, x, weight, bias, quantizer, weight_qparams, *geometry)
         _report(layer, name, quantizer, x, x_fake, qp)
     return out.squeeze(0) if unbatched else out
 
@@ -197,6 +207,7 @@ def _recompute(x: Tensor, qp: QParams) -> Tensor:
 
 
 def _setup(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, qp_args: tuple, output) -> None:
+    """Save x, the weight and the parameters' tensors (not the grid values)."""
     _, x_fake = output
     ctx.mark_non_differentiable(x_fake)
     # x_fake gets no gradient: without this autograd would pass a tensor of zeros for it,
@@ -229,22 +240,85 @@ def _input_gradient(ctx, grad_x: Tensor | None, x: Tensor, qp: QParams) -> Tenso
     return _cast(grad_x, ctx.dtypes[0])
 
 
+def _quantization_gradients(ctx, grad_fake: Tensor | None, x: Tensor, qp: QParams, needs: tuple) -> tuple:
+    """Gradients of (x, scale, zero point, clip low, clip high) from the gradient of the
+    grid values: the straight-through estimator for x alone in the common case (no mask
+    pass where nothing can clip), the whole rounding gradient when the parameters learn."""
+    if grad_fake is None:
+        return (None,) * 5
+    if not any(needs[1:]):
+        return (_input_gradient(ctx, grad_fake, x, qp) if needs[0] else None,) + (None,) * 4
+    grads = rounding_gradients(grad_fake, x, qp, needs)
+    return (_cast(grads[0], ctx.dtypes[0]),) + tuple(grads[1:])
+
+
 def _cast(grad: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return grad if grad is None or grad.dtype == dtype else grad.to(dtype)
 
 
+def _linear_backward(ctx, grad_out: Tensor, needs: tuple) -> tuple:
+    """Gradients of (x, weight, bias, scale, zero point, clip low, clip high)."""
+    x, weight, qp = _saved(ctx)
+    needs_quantization = (needs[0], *needs[3:7])
+    grad_fake = grad_weight = grad_bias = None
+    flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
+    if any(needs_quantization):
+        (weight_cast,) = _in_backward_dtype(grad_out, weight)
+        grad_fake = grad_out.matmul(weight_cast)
+    if needs[1]:
+        (x_fake,) = _in_backward_dtype(grad_out, _recompute(x, qp))
+        grad_weight = flat_grad.t().mm(x_fake.reshape(-1, x_fake.shape[-1]))
+    if needs[2]:
+        grad_bias = flat_grad.sum(0)
+    grad_x, *grad_qparams = _quantization_gradients(ctx, grad_fake, x, qp, needs_quantization)
+    return (grad_x, _cast(grad_weight, ctx.dtypes[1]), _cast(grad_bias, ctx.dtypes[2]), *grad_qparams)
+
+
+def _linear_values(x: Tensor, weight: Tensor, bias: Tensor | None, qp: QParams) -> tuple[Tensor, Tensor]:
+    check_float_tensor(x)
+    x_fake = rounded_values(x, qp)
+    return F.linear(x_fake, weight, bias), x_fake
+
+
 @with_eager_twin
 class _QuantizedLinear(torch.autograd.Function):
-    """``F.linear(quantize_dequantize(x, qparams), weight, bias)`` that saves x and the
-    parameters, not the grid values; returns ``(out, x_fake)`` (x_fake for statistics)."""
+    """``F.linear(fake-quantized x, weight, bias)`` that saves x and the quantization
+    parameters, not the grid values, and recomputes the grid values in backward with the
+    one rounding op. The quantizer's own ``fake_quantize`` runs inside (one fused kernel for
+    the min/max family), and the bias goes on the accumulator grid there when the input's
+    parameters are constant (straight through). Returns ``(out, x_fake, qparams)``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, quantizer, weight_qparams):
+        x_fake, qp = quantizer.fake_quantize(x)
+        bias = quantized_bias(bias, weight_qparams, qp)
+        return F.linear(x_fake, weight, bias), x_fake, qp.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, _, _ = inputs
+        _setup(ctx, x, weight, bias, _flat(output[2]), output[:2])
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_x_fake, *_):
+        if grad_out is None:  # the output was not used (see set_materialize_grads)
+            return (None,) * 5
+        return (*_linear_backward(ctx, grad_out, (*ctx.needs_input_grad[:3], False, False, False, False))[:3],
+                None, None)
+
+
+@with_eager_twin
+class _QuantizedLinearLearned(torch.autograd.Function):
+    """:class:`_QuantizedLinear` whose parameters (scale, zero point, clip range) take their
+    gradient too (learned steps): they are arguments of their own."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, weight, bias, scale, zero_point, low, high, qmin, qmax, may_clamp):
-        check_float_tensor(x)
-        x_fake = rounded_values(x, _unflat(scale, zero_point, low, high, qmin, qmax, may_clamp))
-        return F.linear(x_fake, weight, bias), x_fake
+        return _linear_values(x, weight, bias, _unflat(scale, zero_point, low, high, qmin, qmax, may_clamp))
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -253,38 +327,77 @@ class _QuantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_x_fake):
-        if grad_out is None:  # the output was not used (see set_materialize_grads)
+        if grad_out is None:
             return (None,) * 10
-        x, weight, qp = _saved(ctx)
-        needs_x, needs_weight, needs_bias = ctx.needs_input_grad[:3]
-        grad_x = grad_weight = grad_bias = None
-        flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-        if needs_x:
-            (weight_cast,) = _in_backward_dtype(grad_out, weight)
-            grad_x = grad_out.matmul(weight_cast)
-        if needs_weight:
-            (x_fake,) = _in_backward_dtype(grad_out, _recompute(x, qp))
-            grad_weight = flat_grad.t().mm(x_fake.reshape(-1, x_fake.shape[-1]))
-        if needs_bias:
-            grad_bias = flat_grad.sum(0)
-        return (_input_gradient(ctx, grad_x, x, qp), _cast(grad_weight, ctx.dtypes[1]),
-                _cast(grad_bias, ctx.dtypes[2])) + (None,) * 7
+        return (*_linear_backward(ctx, grad_out, tuple(ctx.needs_input_grad[:7])), None, None, None)
+
+
+def _conv_backward(ctx, grad_out: Tensor, needs: tuple) -> tuple:
+    """Gradients of (x, weight, bias, scale, zero point, clip low, clip high)."""
+    x, weight, qp = _saved(ctx)
+    needs_quantization = (needs[0], *needs[3:7])
+    stride, padding, dilation, transposed, output_padding, groups = ctx.geometry
+    # The grid values matter only to the weight's gradient; the input's needs x's shape.
+    source = _recompute(x, qp) if needs[1] else x
+    x_fake, weight_cast = _in_backward_dtype(grad_out, source, weight)
+    grad_fake, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
+        grad_out, x_fake, weight_cast, ctx.bias_size, stride, padding, dilation, transposed, output_padding,
+        groups, [any(needs_quantization), needs[1], needs[2] and ctx.bias_size is not None],
+    )
+    grad_x, *grad_qparams = _quantization_gradients(ctx, grad_fake if any(needs_quantization) else None, x, qp,
+                                                    needs_quantization)
+    return (grad_x, _cast(grad_weight if needs[1] else None, ctx.dtypes[1]),
+            _cast(grad_bias if needs[2] else None, ctx.dtypes[2]), *grad_qparams)
+
+
+def _conv_values(x, weight, bias, qp, stride, padding, dilation, transposed, output_padding, groups):
+    check_float_tensor(x)
+    x_fake = rounded_values(x, qp)
+    out = torch.convolution(x_fake, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+    return out, x_fake
 
 
 @with_eager_twin
 class _QuantizedConv(torch.autograd.Function):
-    """``torch.convolution(quantize_dequantize(x, qparams), weight, bias, ...)`` that saves x
-    and the parameters, not the grid values; returns ``(out, x_fake)``."""
+    """``torch.convolution(fake-quantized x, weight, bias, ...)`` that saves x and the
+    quantization parameters, not the grid values (see :class:`_QuantizedLinear`); returns
+    ``(out, x_fake, qparams)``."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, weight, bias, quantizer, weight_qparams, stride, padding, dilation, transposed, output_padding,
+                groups):
+        x_fake, qp = quantizer.fake_quantize(x)
+        bias = quantized_bias(bias, weight_qparams, qp)
+        out = torch.convolution(x_fake, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
+        return out, x_fake, qp.detach()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, weight, bias, _, _, *geometry = inputs
+        _setup(ctx, x, weight, bias, _flat(output[2]), output[:2])
+        ctx.geometry = geometry
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_x_fake, *_):
+        if grad_out is None:
+            return (None,) * 11
+        grads = _conv_backward(ctx, grad_out, (*ctx.needs_input_grad[:3], False, False, False, False))
+        return (*grads[:3],) + (None,) * 8
+
+
+@with_eager_twin
+class _QuantizedConvLearned(torch.autograd.Function):
+    """:class:`_QuantizedConv` whose parameters take their gradient too (learned steps)."""
 
     generate_vmap_rule = True
 
     @staticmethod
     def forward(x, weight, bias, scale, zero_point, low, high, qmin, qmax, may_clamp, stride, padding, dilation,
                 transposed, output_padding, groups):
-        check_float_tensor(x)
-        x_fake = rounded_values(x, _unflat(scale, zero_point, low, high, qmin, qmax, may_clamp))
-        out = torch.convolution(x_fake, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-        return out, x_fake
+        qp = _unflat(scale, zero_point, low, high, qmin, qmax, may_clamp)
+        return _conv_values(x, weight, bias, qp, stride, padding, dilation, transposed, output_padding, groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -294,18 +407,6 @@ class _QuantizedConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out, _grad_x_fake):
-        if grad_out is None:  # the output was not used (see set_materialize_grads)
+        if grad_out is None:
             return (None,) * 16
-        x, weight, qp = _saved(ctx)
-        needs = list(ctx.needs_input_grad[:3])
-        stride, padding, dilation, transposed, output_padding, groups = ctx.geometry
-        # The grid values matter only to the weight's gradient; the input's needs x's shape.
-        source = _recompute(x, qp) if needs[1] else x
-        x_fake, weight_cast = _in_backward_dtype(grad_out, source, weight)
-        grad_x, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
-            grad_out, x_fake, weight_cast, ctx.bias_size, stride, padding, dilation, transposed, output_padding,
-            groups, [needs[0], needs[1], needs[2] and ctx.bias_size is not None],
-        )
-        return (_input_gradient(ctx, grad_x if needs[0] else None, x, qp),
-                _cast(grad_weight if needs[1] else None, ctx.dtypes[1]),
-                _cast(grad_bias if needs[2] else None, ctx.dtypes[2])) + (None,) * 13
+        return (*_conv_backward(ctx, grad_out, tuple(ctx.needs_input_grad[:7])),) + (None,) * 9

@@ -6,6 +6,7 @@ from .approx_quantizer import ApproxQuantizer
 from .qparams import QParams, levels, quantize_dequantize
 from .registry import build_quantizer, quantizer_class, register_quantizer, registered_quantizers
 from .minmax_quantizer import MinMaxQuant  # noqa: E402 - registers the "minmax" family
+from .lsq import LSQQuant  # noqa: E402 - registers the "lsq" family
 
-__all__ = ["ApproxQuantizer", "MinMaxQuant", "QParams", "build_quantizer", "levels", "quantize_dequantize",
+__all__ = ["ApproxQuantizer", "LSQQuant", "MinMaxQuant", "QParams", "build_quantizer", "levels", "quantize_dequantize",
            "quantizer_class", "register_quantizer", "registered_quantizers"]

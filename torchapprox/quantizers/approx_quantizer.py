@@ -119,8 +119,9 @@ class ApproxQuantizer(nn.Module, ABC):
 
     @classmethod
     def from_spec(cls, spec, *, role: str | None = None, channel_axis: int | None = None,
-                  channel_groups: int = 1) -> ApproxQuantizer:
-        """The quantizer ``spec`` describes, for a tensor of the given role and layout."""
+                  channel_groups: int = 1, tensor: torch.Tensor | None = None) -> ApproxQuantizer:
+        """The quantizer ``spec`` describes, for a tensor of the given role and layout.
+        ``tensor``: the weight itself, for weights (a family may initialise from it)."""
         return cls(spec, role=role, channel_axis=channel_axis, channel_groups=channel_groups)
 
     @classmethod
@@ -163,6 +164,12 @@ class ApproxQuantizer(nn.Module, ABC):
     def recompute_in_backward(self) -> bool:
         """Inputs: a layer recomputes the grid values in backward rather than keep them."""
         return self.spec.recompute
+
+    def constant_qparams(self):
+        """The :class:`QParams` this quantizer uses whatever the tensor (a stored or learned
+        range), or None when they depend on the tensor's values. Export writes constant
+        ones as constants. Default: None (export records ``compute_qparams`` itself)."""
+        return None
 
     @property
     def differentiable_qparams(self) -> bool:

@@ -133,7 +133,7 @@ class MinMaxQuant(ApproxQuantizer):
         self._saved_static: torch.Tensor | None = None
 
     @classmethod
-    def from_spec(cls, spec, *, role=None, channel_axis=None, channel_groups=1) -> MinMaxQuant:
+    def from_spec(cls, spec, *, role=None, channel_axis=None, channel_groups=1, tensor=None) -> MinMaxQuant:
         return cls(spec, role=role, channel_axis=channel_axis, channel_groups=channel_groups)
 
     @classmethod
@@ -184,6 +184,11 @@ class MinMaxQuant(ApproxQuantizer):
     @property
     def differentiable_qparams(self) -> bool:
         return self.spec.range_gradient and self.stored_range() is None
+
+    def constant_qparams(self) -> QParams | None:
+        if self.stored_range() is None:
+            return None
+        return self.compute_qparams(torch.zeros((), dtype=self.stored_range().dtype))
 
     def freeze_range(self, value_range: torch.Tensor | None) -> None:
         """Use the fixed range ``[low, high]`` from now on (None: each tensor's own again).
@@ -302,11 +307,26 @@ class MinMaxQuant(ApproxQuantizer):
             raise ValueError(f"MinMaxQuant keeps no {name!r} (its state: running_range, static_range)")
 
     def synchronize(self, all_reduce) -> None:
-        if self.running_range is not None:
-            self.running_range = all_reduce(self.running_range, "mean")
-        if self.static_range is not None:  # the hull: min of the lows, max of the highs
-            widest = all_reduce(torch.stack([-self.static_range[0], self.static_range[1]]), "max")
-            self.static_range = torch.stack([-widest[0], widest[1]])
+        # The same collectives on every process, whether this one holds a range or not (a
+        # layer that runs on some processes only): the decision follows the spec alone.
+        if self.spec.range == "running":
+            running = self.running_range
+            mine = torch.zeros(3, dtype=torch.float64) if running is None else \
+                torch.cat([running.double().cpu(), torch.ones(1, dtype=torch.float64)])
+            total = all_reduce(mine, "sum")
+            if total[2] > 0:
+                device = running.device if running is not None else self._device()
+                dtype = running.dtype if running is not None else torch.float32
+                self.running_range = (total[:2] / total[2]).to(device, dtype)
+        if self.role == "input" and self.spec.granularity == "per_tensor":
+            frozen = self.static_range  # the hull: min of the lows, max of the highs
+            mine = torch.full((3,), -float("inf"), dtype=torch.float64) if frozen is None else \
+                torch.stack([-frozen[0].double().cpu(), frozen[1].double().cpu(), torch.ones((), dtype=torch.float64)])
+            widest = all_reduce(mine, "max")
+            if widest[2] > 0:
+                device = frozen.device if frozen is not None else self._device()
+                self.static_range = torch.stack([-widest[0], widest[1]]).to(device, torch.float32
+                                                                          if frozen is None else frozen.dtype)
 
     def begin_calibration(self) -> None:
         # Observe with dynamic ranges: a previous calibration is not applied meanwhile.

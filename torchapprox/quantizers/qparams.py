@@ -77,7 +77,8 @@ class QParams(NamedTuple):
     @property
     def needs_grad(self) -> bool:
         """Whether the parameters themselves take a gradient (learned or range-attached)."""
-        return self.scale.requires_grad or (self.zero_point is not None and self.zero_point.requires_grad)
+        tensors = (self.scale, self.zero_point, *(self.clip or ()))
+        return any(t is not None and t.requires_grad for t in tensors)
 
 
 # --------------------------------------------------------------------------- forward values
@@ -102,7 +103,8 @@ def _plain_values(x: Tensor, qp: QParams) -> Tensor:
     """x_fake without autograd: the custom op where it applies (C++ on the CPU)."""
     if qp.zero_point is None:
         source = x if qp.clip is None else _clipped(x, qp)
-        return torch.ops.torchapprox.round_to_grid(source, qp.scale, qp.qmin, qp.qmax).to(x.dtype)
+        out = torch.ops.torchapprox.round_to_grid(source, qp.scale, qp.qmin, qp.qmax)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
     level = levels(x, qp)
     return ((level - qp.zero_point) * qp.scale).to(x.dtype)
 
@@ -135,9 +137,46 @@ def _reduce_to(grad: Tensor, shape: torch.Size) -> Tensor:
     return grad.sum(dim=dims, keepdim=True) if dims else grad
 
 
+def rounding_gradients(grad: Tensor, x: Tensor, qp: QParams, needs: tuple[bool, bool, bool, bool, bool]) -> tuple:
+    """The gradients of ``quantize_dequantize(x, qp)`` given the upstream ``grad``:
+    ``(x, scale, zero_point, clip low, clip high)``, each None unless ``needs`` asks for it
+    (see the module docstring for the formulas). With ``u = x_c / scale + zero_point``
+    rounded to ``r``: x passes where ``qmin <= r <= qmax`` and inside the clip range; the
+    scale gets ``r - zero_point - x_c / scale`` inside and the clamped level minus the zero
+    point outside; the zero point ``-scale`` outside; a clip bound the gradient of the
+    values clamped to it (the values it moved pass straight through the rounding)."""
+    scale, zero_point = qp.scale.detach(), None if qp.zero_point is None else qp.zero_point.detach()
+    low, high = (None, None) if qp.clip is None else (qp.clip[0].detach(), qp.clip[1].detach())
+    compute_grad = grad.to(scale.dtype)
+    compute = x.detach().to(scale.dtype)
+    x_c = compute if low is None else torch.clamp(compute, low, high)
+    rounded = torch.round(x_c / scale)
+    if zero_point is not None:
+        rounded = rounded + zero_point
+    below, above = rounded < qp.qmin, rounded > qp.qmax
+    inside = ~(below | above)
+    grads: list[Tensor | None] = [None] * 5
+    if needs[0]:
+        passing = inside if low is None else inside & (compute >= low) & (compute <= high)
+        grads[0] = (compute_grad * passing).to(x.dtype)
+    zp = 0.0 if zero_point is None else zero_point
+    if needs[1]:
+        clamped = torch.where(below, qp.qmin - zp, qp.qmax - zp)
+        grads[1] = _reduce_to(compute_grad * torch.where(inside, rounded - zp - x_c / scale, clamped), scale.shape)
+    if needs[2] and zero_point is not None:
+        grads[2] = _reduce_to(compute_grad * torch.where(inside, 0.0, -scale), zero_point.shape)
+    if low is not None and (needs[3] or needs[4]):
+        through = compute_grad * inside
+        if needs[3]:
+            grads[3] = _reduce_to(through * (compute < low), low.shape)
+        if needs[4]:
+            grads[4] = _reduce_to(through * (compute > high), high.shape)
+    return tuple(grads)
+
+
 @with_eager_twin
 class _QuantizeDequantize(torch.autograd.Function):
-    """The rounding with gradients for x, the scale and the zero point (module docstring)."""
+    """The rounding with gradients for x, the scale, the zero point and the clip range."""
 
     generate_vmap_rule = True
 
@@ -154,28 +193,8 @@ class _QuantizeDequantize(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         x, scale, zero_point, low, high = ctx.saved_tensors
-        qmin, qmax = ctx.bounds
-        qp = QParams(scale, qmin, qmax, zero_point, None if low is None else (low, high))
-        compute_grad = grad.to(scale.dtype)
-        x_c = _clipped(x.detach(), qp)
-        u = torch.round(x_c / scale)
-        if zero_point is not None:
-            u = u + zero_point
-        below, above = u < qmin, u > qmax
-        inside = ~(below | above)
-        in_clip = None if low is None else (x.to(scale.dtype) >= low) & (x.to(scale.dtype) <= high)
-        grad_x = grad_scale = grad_zero = None
-        if ctx.needs_input_grad[0]:
-            passing = inside if in_clip is None else inside & in_clip
-            grad_x = (compute_grad * passing).to(x.dtype)
-        zp = 0.0 if zero_point is None else zero_point
-        if ctx.needs_input_grad[1]:
-            clamped = torch.where(below, qmin - zp, qmax - zp)
-            d_scale = torch.where(inside, u - zp - x_c / scale, clamped)
-            grad_scale = _reduce_to(compute_grad * d_scale, scale.shape)
-        if zero_point is not None and ctx.needs_input_grad[2]:
-            grad_zero = _reduce_to(compute_grad * torch.where(inside, 0.0, -scale), zero_point.shape)
-        return grad_x, grad_scale, grad_zero, None, None, None, None
+        qp = QParams(scale, *ctx.bounds, zero_point, None if low is None else (low, high))
+        return (*rounding_gradients(grad, x, qp, tuple(ctx.needs_input_grad[:5])), None, None)
 
 
 def quantize_dequantize(x: Tensor, qp: QParams) -> Tensor:
@@ -195,9 +214,9 @@ def quantize_dequantize(x: Tensor, qp: QParams) -> Tensor:
         return export_qdq(x, qp)
     if x.numel() == 0:
         return x.clone() if not differentiable(x) else x * 1.0
-    if not differentiable(x, qp.scale, qp.zero_point) or torch.jit.is_tracing():
+    if not differentiable(x, qp.scale, qp.zero_point, *(qp.clip or ())) or torch.jit.is_tracing():
         return _plain_values(x, qp)
-    if qp.needs_grad or qp.zero_point is not None or qp.clip is not None:
+    if qp.needs_grad or qp.zero_point is not None or qp.clip is not None:  # the general node
         low, high = (None, None) if qp.clip is None else qp.clip
         return apply(_QuantizeDequantize, x, qp.scale, qp.zero_point, low, high, qp.qmin, qp.qmax)
     # The common case: a constant scale, straight through to x (one C++ call on the CPU).
@@ -247,4 +266,4 @@ def grid_bounds(bits: int, grid: str) -> tuple[int, int]:
     return reference.grid_bounds(bits, grid)
 
 
-__all__ = ["QParams", "grid_bounds", "levels", "quantize_dequantize", "quantize_levels", "straight_through_mask"]
+__all__ = ["QParams", "rounding_gradients", "grid_bounds", "levels", "quantize_dequantize", "quantize_levels", "straight_through_mask"]

@@ -52,7 +52,7 @@ def registered_quantizers() -> list[str]:
 
 
 def build_quantizer(spec, *, role: str | None = None, channel_axis: int | None = None,
-                    channel_groups: int = 1) -> ApproxQuantizer:
+                    channel_groups: int = 1, tensor=None) -> ApproxQuantizer:
     """The quantizer of ``spec``'s family for one tensor (see ``ApproxQuantizer.from_spec``)."""
     return quantizer_class(spec.quantizer).from_spec(spec, role=role, channel_axis=channel_axis,
-                                                      channel_groups=channel_groups)
+                                                      channel_groups=channel_groups, tensor=tensor)

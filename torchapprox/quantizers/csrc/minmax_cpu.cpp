@@ -331,9 +331,26 @@ at::Tensor minmax_scale(const at::Tensor& x, int64_t bitwidth, c10::string_view 
   return reference_scale(x, bitwidth, grid, axes);
 }
 
+// A scale of x's rank whose sizes equal x's on some leading dimensions and are 1 after
+// them (per channel on dimension 0, per token): one scale per contiguous row of x.
+bool row_scales_for(const at::Tensor& x, const at::Tensor& scale) {
+  if (scale.dim() != x.dim() || scale.dim() == 0 || scale.scalar_type() != x.scalar_type() ||
+      !(x.scalar_type() == at::kFloat || x.scalar_type() == at::kDouble) || !scale.is_contiguous())
+    return false;
+  int64_t kept = 0;  // one past the last dimension along which the scale varies
+  for (int64_t d = 0; d < x.dim(); ++d)
+    if (scale.size(d) != 1) kept = d + 1;
+  if (kept == 0 || kept == x.dim()) return false;
+  for (int64_t d = 0; d < kept; ++d)
+    if (scale.size(d) != x.size(d)) return false;
+  return true;
+}
+
 at::Tensor round_to_grid(const at::Tensor& x, const at::Tensor& scale, int64_t qmin, int64_t qmax) {
   check_input(x, "round_to_grid");
   if (fast(x) && one_scale_for(x, scale)) return fast_round(x, scale, double(qmin), double(qmax));
+  if (row_scales_for(x, scale))
+    return in_layout_of(x, fast_round_rows(x.contiguous(), scale, double(qmin), double(qmax)));
   return reference_round(x, scale, double(qmin), double(qmax));
 }
 

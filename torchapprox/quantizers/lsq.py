@@ -1,0 +1,211 @@
+"""LSQQuant: learned step sizes (the "lsq" family).
+
+Learned Step Size Quantization (Esser, McKinstry, Bablani, Appuswamy, Modha, "Learned Step
+Size Quantization", ICLR 2020): the step ``s`` between levels is a trainable parameter.
+Forward, eq. 1-2 of the paper: ``x_fake = round(clip(x / s, -Qn, Qp)) * s`` (the one
+rounding op with the clip range ``[-Qn s, Qp s]``). Backward, the straight-through
+estimator for x (zero where clipped) and, for the step, eq. 3: ``d x_fake / d s =
+round(x / s) - x / s`` inside the range, ``-Qn`` or ``Qp`` where clipped, summed over the
+elements that share the step and scaled by
+``g = 1 / sqrt(N * Qp)`` (section 2.2: ``N`` the elements per step, the number of features
+of one sample for inputs, ``Qp`` the grid's top level), so that the step learns at the pace
+of the weights.
+
+- Initialisation (from the first tensor the quantizer sees; a persistent ``initialized``
+  flag, so checkpoints restore the learned step rather than re-initialise it):
+  ``options={"init": "lsq"}`` (the paper's ``2 * mean|x| / sqrt(Qp)``, the default) or
+  ``"minmax"`` (``max|x| / Qp``: the min/max quantizer's step, nothing clipped at first).
+- Annealing: when the bits change the step moves to the new grid, so that a 16 -> 8 -> 4
+  anneal does not start a phase with a step 258x (16 -> 8) too small.
+  ``options={"anneal": "reinit"}`` (the default): the next tensor initialises it again, at
+  the new bits, as the first did. ``"rescale"``: it keeps the clipping range ``Qp * s``
+  learned so far, ``s_new = s_old * Qp_old / Qp_new`` (good after a phase that trained the
+  range; poor right after the paper's initialisation at 16 bits, whose range
+  ``2 mean|x| sqrt(Qp)`` is hundreds of times max|x|).
+- Grids: ``signed`` ([-(2^(b-1)-1), 2^(b-1)-1] steps), ``unsigned`` ([0, 2^b - 1]),
+  ``auto`` (per call: unsigned where the tensor is non-negative, signed otherwise; the
+  range bounds are then tensors, and their gradient reaches the step as the clamped
+  levels' does). Granularity: per tensor, or per channel for weights (one step per output
+  channel). Per-token inputs and stored ranges are not this family's: refused by the spec.
+- The step is a Parameter of the quantizer (in ``state_dict``, keys
+  ``<layer>.<tensor>_quantizer.step`` and ``.initialized``): an optimizer built after
+  ``attach`` trains it, checkpoints hold it. ``torchapprox.float_state_dict`` drops those
+  keys for the plain float model.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from . import reference
+from .approx_quantizer import ApproxQuantizer
+from .qparams import QParams
+from .registry import register_quantizer
+
+INITS = ("lsq", "minmax")
+ANNEALS = ("reinit", "rescale")
+OPTIONS = ("init", "anneal")
+
+
+def _grad_scaled(step: torch.Tensor, factor: float) -> torch.Tensor:
+    """``step`` in value, its gradient times ``factor`` (the paper's gradscale)."""
+    scaled = step * factor
+    return (step - scaled).detach() + scaled
+
+
+@register_quantizer("lsq")
+class LSQQuant(ApproxQuantizer):
+    """Learned step size quantizer (see the module docstring for the formulas and source)."""
+
+    def __init__(self, spec, *, role=None, channel_axis=None, channel_groups=1, tensor=None) -> None:
+        super().__init__(spec, role=role, channel_axis=channel_axis, channel_groups=channel_groups)
+        if spec.granularity == "per_channel" and self.channel_axis is None:
+            self.channel_axis = 0
+        self.step = nn.Parameter(torch.ones(()))
+        self.register_buffer("initialized", torch.zeros((), dtype=torch.bool))
+        self._known_initialized = False  # a host-side copy of the flag: no device read per call
+        if tensor is not None:
+            # A weight is known at attach: its steps start from it, with their final shape,
+            # before an optimizer or DDP sees them (identical on every process).
+            self._initialize(tensor)
+
+    @classmethod
+    def from_spec(cls, spec, *, role=None, channel_axis=None, channel_groups=1, tensor=None) -> LSQQuant:
+        return cls(spec, role=role, channel_axis=channel_axis, channel_groups=channel_groups, tensor=tensor)
+
+    def _load_from_state_dict(self, *args, **kwargs) -> None:
+        # nn.Module's hook for loading (BatchNorm overrides it too): the flag may change.
+        self._known_initialized = False
+        super()._load_from_state_dict(*args, **kwargs)
+
+    @classmethod
+    def check_spec(cls, spec) -> None:
+        unknown = [key for key, _ in spec.options if key not in OPTIONS]
+        if unknown:
+            raise ValueError(f"QuantSpec `options` {dict(spec.options)!r}: the 'lsq' family takes only 'init' "
+                             f"({' or '.join(map(repr, INITS))}) and 'anneal' ({' or '.join(map(repr, ANNEALS))})")
+        for option, allowed, default in (("init", INITS, "lsq"), ("anneal", ANNEALS, "reinit")):
+            if spec.option(option, default) not in allowed:
+                raise ValueError(f"QuantSpec `options['{option}']` must be one of {', '.join(map(repr, allowed))} "
+                                 f"for the 'lsq' family, got {spec.option(option)!r}")
+        if spec.granularity == "per_token":
+            raise ValueError("QuantSpec `granularity='per_token'`: the 'lsq' family learns one step per tensor or "
+                             "per channel, not per token")
+        if spec.range != "dynamic":
+            raise ValueError(f"QuantSpec `range={spec.range!r}`: the 'lsq' family learns its step; its range is "
+                             "neither running nor calibrated (use range='dynamic')")
+        if spec.range_gradient:
+            raise ValueError("QuantSpec `range_gradient=True` is a 'minmax' option: the 'lsq' family's step "
+                             "takes its own gradient")
+
+    # ----------------------------------------------------------------------- helpers
+    def _top(self, unsigned: bool) -> int:
+        return reference.unsigned_max(self.bitwidth) if unsigned else reference.int_max(self.bitwidth)
+
+    def _channel_dims(self, x: torch.Tensor) -> tuple[int, list[int]]:
+        """(the channel axis, the dimensions reduced per channel) of a per-channel weight."""
+        axis = self.channel_axis % x.dim()
+        return axis, [d for d in range(x.dim()) if d != axis]
+
+    def _broadcast(self, step: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The per-channel steps shaped to broadcast against x (groups expanded)."""
+        if step.dim() == 0:
+            return step
+        axis, _ = self._channel_dims(x)
+        groups = self.channel_groups
+        if groups > 1:  # a grouped ConvTranspose: output channel g * (C/groups) + j, rows of group g
+            per_group = step.reshape(groups, 1, -1, *([1] * (x.dim() - 2)))
+            full = per_group.expand(groups, x.shape[0] // groups, *per_group.shape[2:])
+            return full.reshape(x.shape[0], *per_group.shape[2:])
+        return step.reshape([-1 if d == axis else 1 for d in range(x.dim())])
+
+    @torch.no_grad()
+    def _initialize(self, x: torch.Tensor) -> None:
+        magnitude = x.detach().float().abs()
+        if self.spec.granularity == "per_channel":
+            if self.channel_groups > 1:
+                rows = x.shape[0] // self.channel_groups
+                view = magnitude.reshape(self.channel_groups, rows, x.shape[1], -1)
+                mean, top = view.mean(dim=(1, 3)).reshape(-1), view.amax(dim=(1, 3)).reshape(-1)
+            else:
+                axis, reduce = self._channel_dims(x)
+                mean, top = magnitude.mean(dim=reduce), magnitude.amax(dim=reduce)
+        else:
+            mean, top = magnitude.mean(), magnitude.max()
+        unsigned = self.spec.grid == "unsigned" or (self.spec.grid == "auto" and bool(x.min() >= 0))
+        levels = self._top(unsigned)
+        step = 2 * mean / math.sqrt(levels) if self.spec.option("init", "lsq") == "lsq" else top / levels
+        step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero tensor: step 1
+        self.step.data = step.to(self.step.device, self.step.dtype)
+        self.initialized.fill_(True)
+        self._known_initialized = True
+
+    # -------------------------------------------------------------------- the contract
+    def compute_qparams(self, x: torch.Tensor) -> QParams:
+        if not self._known_initialized:
+            if bool(self.initialized):
+                self._known_initialized = True
+            else:
+                self._initialize(x)  # an input's first tensor: the one write a forward makes, once
+        spec = self.spec
+        per_step = x.numel() // max(self.step.numel(), 1)
+        if self.role == "input" and x.dim() > 1:
+            per_step = x.numel() // x.shape[0]  # the paper's N_F: the features of one sample
+        top_signed, top_unsigned = reference.int_max(spec.bits), reference.unsigned_max(spec.bits)
+        qmax = top_unsigned if spec.grid == "unsigned" else top_signed
+        factor = 1.0 / math.sqrt(max(per_step, 1) * qmax)
+        step = _grad_scaled(self.step, factor) if torch.is_grad_enabled() and self.step.requires_grad else self.step
+        # A step that training pushes through zero is taken by its magnitude, at least the
+        # smallest normal number.
+        step = step.abs().clamp_min(torch.finfo(step.dtype).tiny)
+        scale = self._broadcast(step, x).to(reference.compute_dtype(x.dtype))
+        channels = step if self.spec.granularity == "per_channel" else None
+        # The paper clips x / s to [-Qn, Qp] before rounding: a clip range in real units,
+        # whose bounds take the step's gradient (Qn or Qp where clipped).
+        high = top_signed * scale if spec.grid == "signed" else top_unsigned * scale
+        low = -high if spec.grid == "signed" else torch.zeros_like(scale)
+        if spec.grid == "auto":  # per call, on the device: unsigned for a non-negative tensor
+            unsigned = (x.detach().min() >= 0) if x.numel() else torch.ones((), dtype=torch.bool, device=x.device)
+            low = torch.where(unsigned, low, -top_signed * scale)
+            high = torch.where(unsigned, high, top_signed * scale)
+        qmin = 0 if spec.grid == "unsigned" else -top_signed
+        qmax = top_signed if spec.grid == "signed" else top_unsigned
+        return QParams(scale, qmin, qmax, clip=(low, high), constant=True, may_clamp=False, channels=channels)
+
+    def constant_qparams(self) -> QParams | None:
+        # The auto grid picks its bounds from each tensor's sign: not constant.
+        if self.spec.grid == "auto" or not (self._known_initialized or bool(self.initialized)):
+            return None
+        return self.compute_qparams(torch.zeros((), device=self.step.device))
+
+    def on_bitwidth_change(self, old: int, new: int) -> None:
+        if not (self._known_initialized or bool(self.initialized)):
+            return  # the first tensor initialises the step at the new bits
+        if self.spec.option("anneal", "reinit") == "reinit":
+            with torch.no_grad():
+                self.initialized.fill_(False)  # the next tensor initialises it at the new bits
+            self._known_initialized = False
+            return
+        unsigned = self.spec.grid == "unsigned"
+        ratio = (2**old - 1 if unsigned else 2 ** (old - 1) - 1) / (2**new - 1 if unsigned else 2 ** (new - 1) - 1)
+        with torch.no_grad():
+            self.step.mul_(ratio)
+
+    def synchronize(self, all_reduce) -> None:
+        # Inputs initialise from each process's first batch: average the steps once, so that
+        # every rank computes with the same ones (they train identically from then on).
+        with torch.no_grad():
+            self.step.data = all_reduce(self.step.detach(), "mean")
+
+    def check_state_tensor(self, name: str, tensor: torch.Tensor) -> None:
+        raise ValueError(f"LSQQuant keeps its state in the state dict (step, initialized), not {name!r}")
+
+    def extra_repr(self) -> str:
+        if not bool(self.initialized):
+            return f"{self.spec!r}, step uninitialized"
+        step = self.step.detach()
+        return f"{self.spec!r}, step={step.item():.4g}" if step.dim() == 0 else \
+            f"{self.spec!r}, steps={step.numel()} (mean {step.mean().item():.4g})"
