@@ -76,6 +76,7 @@ def _torch_ao_qat(model: nn.Module) -> nn.Module:
 
 FP32_AGAIN = "fp32 again"
 KEEP_INPUTS = "torchapprox, keep inputs"  # attach(..., recompute_inputs=False)
+LSQ = "torchapprox, lsq"  # learned steps on every weight and input (the "lsq" family)
 
 
 def make_training_step(variant: str, batch: int, seed: int = 0) -> Callable[[], None]:
@@ -84,6 +85,10 @@ def make_training_step(variant: str, batch: int, seed: int = 0) -> Callable[[], 
     model = resnet_like()
     if variant in ("torchapprox", KEEP_INPUTS):
         ta.attach(model, BITWIDTH, recompute_inputs=variant == "torchapprox")
+    elif variant == LSQ:
+        ta.attach(model, weight=ta.QuantSpec(bits=BITWIDTH, quantizer="lsq"),
+                  input=ta.QuantSpec(bits=BITWIDTH, quantizer="lsq", options={"init": "minmax"}))
+        model(torch.randn(2, 3, 32, 32))  # the input steps start from a first batch
     elif variant == "torch.ao":
         model = _torch_ao_qat(model)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -143,11 +148,20 @@ LM_RECIPE = {"bitwidth": 4, "activation_grid": "auto", "bitwidth_overrides": {"e
              "per_channel_weights": True, "per_token_inputs": True, "range_gradient": True}
 
 
+# conf/recipe/lm_lowbit_lsq.yaml at 4 bits: learned per-channel weight steps, per-token inputs.
+LM_LSQ_RECIPE = {"weight": ta.QuantSpec(bits=4, quantizer="lsq", granularity="per_channel"),
+                 "input": ta.QuantSpec(bits=4, grid="auto", granularity="per_token", range_gradient=True),
+                 "rules": {"embed": {"bits": 8}, "head": {"bits": 8}, "position": {"bits": 8}}}
+
+
 def bench_lm(rounds: int) -> list[dict]:
     # The recipe, and what its options cost: the plain quantizer, then without the range gradient.
     variants = {"fp32": make_lm_step("fp32"), FP32_AGAIN: make_lm_step("fp32"),
                 "torchapprox (LM recipe)": make_lm_step("qat"),
                 "  without range gradient": make_lm_step("qat", attach_options={**LM_RECIPE, "range_gradient": False}),
+                "  without range gradient, keep inputs": make_lm_step(
+                    "qat", attach_options={**LM_RECIPE, "range_gradient": False, "recompute_inputs": False}),
+                "torchapprox (LM recipe, learned weight steps)": make_lm_step("qat", attach_options=LM_LSQ_RECIPE),
                 "torchapprox (4 bits, per tensor)": make_lm_step("qat", attach_options={"bitwidth": 4})}
     medians = interleaved_medians(variants, rounds, repeats=1)
     return [{"variant": name, "step_ms": seconds * 1e3, "ratio_to_fp32": seconds / medians["fp32"]}
@@ -173,7 +187,7 @@ def interleaved_medians(functions: dict[str, Callable[[], None]], rounds: int, r
 
 def bench_training(rounds_per_batch: dict[int, int]) -> list[dict]:
     """Step time per variant and batch size; each round runs one step of every variant."""
-    variants = ["fp32", FP32_AGAIN, "torchapprox", KEEP_INPUTS] + (["torch.ao"] if torch_ao_available() else [])
+    variants = ["fp32", FP32_AGAIN, "torchapprox", KEEP_INPUTS, LSQ] + (["torch.ao"] if torch_ao_available() else [])
     rows = []
     for batch, rounds in rounds_per_batch.items():
         medians = interleaved_medians({v: make_training_step(v, batch) for v in variants}, rounds, repeats=1)
@@ -257,7 +271,7 @@ def _status_kib(field: str) -> int:
 def bench_memory(batch: int, steps: int) -> list[dict]:
     if not Path("/proc/self/clear_refs").exists():
         return []  # not Linux: no portable way to read a process's peak memory
-    variants = ["fp32", "torchapprox", KEEP_INPUTS] + (["torch.ao"] if torch_ao_available() else [])
+    variants = ["fp32", "torchapprox", KEEP_INPUTS, LSQ] + (["torch.ao"] if torch_ao_available() else [])
     peaks = {}
     for variant in variants:
         probe = subprocess.run(

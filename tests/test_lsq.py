@@ -158,7 +158,7 @@ def test_reinit_anneal_starts_each_phase_from_the_data_at_its_bits():
 
 @pytest.mark.parametrize("field, value, message", [
     ("granularity", "per_token", "not per token"), ("range", "running", "neither running nor calibrated"),
-    ("range_gradient", True, "is a 'minmax' option"), ("options", {"init": "mse"}, r"`options\['init'\]` must be"),
+    ("range_gradient", True, "is a 'minmax' option"), ("options", {"init": "max"}, r"`options\['init'\]` must be"),
     ("options", {"clip": 1.0}, "takes only 'init'"), ("options", {"anneal": "keep"}, r"`options\['anneal'\]`"),
 ])
 def test_specs_the_family_cannot_compute_are_refused(field, value, message):
@@ -249,3 +249,25 @@ def test_the_learned_step_is_logged(tmp_path):
     scalars = read_scalars(tmp_path / "tb" / "version_0")
     assert "quant/net.0/input/step" in scalars and "quant/net.2/weight/step" in scalars
     assert all(value > 0 for _, value in scalars["quant/net.0/input/step"])
+
+
+@pytest.mark.parametrize("shape, scale_shape", [((5000,), ()), ((6, 40), (6, 1)), ((4, 5, 3, 3), (4, 1, 1, 1)),
+                                                ((2, 7, 9), (2, 7, 1)), ((3, 4), (1, 4))])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_the_learned_step_kernel_matches_its_reference(shape, scale_shape, dtype):
+    from torchapprox.quantizers import reference
+
+    x = torch.randn(shape, dtype=dtype) * 3
+    grad = torch.randn(shape, dtype=dtype)
+    scale = torch.rand(scale_shape, dtype=dtype) * 0.5 + 0.1
+    grad_x, grad_scale = torch.ops.torchapprox.learned_step_backward(grad, x, scale, -7, 7)
+    expected_x, expected_scale = reference.learned_step_backward(grad, x, scale, -7, 7)
+    assert torch.equal(grad_x, expected_x) and grad_scale.shape == scale.shape
+    assert torch.allclose(grad_scale, expected_scale, rtol=1e-5, atol=1e-5)  # sums in another order
+    strided = x.transpose(0, -1) if x.dim() > 1 else x[::2]
+    grad_strided = torch.randn_like(strided)
+    if scale.dim() == 0:
+        got = torch.ops.torchapprox.learned_step_backward(grad_strided, strided, scale, -7, 7)
+        want = reference.learned_step_backward(grad_strided, strided, scale, -7, 7)
+        assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
+    torch.library.opcheck(torch.ops.torchapprox.learned_step_backward.default, (grad, x, scale, -7, 7))

@@ -18,7 +18,7 @@ from .quantizers import ApproxQuantizer
 from .quantizers.approx_quantizer import check_bitwidth
 from .quantizers.registry import build_quantizer
 from .shortcuts import apply_shortcuts
-from .spec import LayerSpecs, QuantSpec, as_spec, check_rules, patterns_matching_nothing, resolve
+from .spec import LayerSpecs, QuantSpec, as_spec, check_rules, resolve
 from .statistics import enable_statistics, statistics
 from .validation import check_bool, check_patterns
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import fnmatch
 import numbers
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 from .quantizers.approx_quantizer import check_bitwidth
@@ -273,11 +273,6 @@ def resolve(layer_name: str, weight: QuantSpec | None, input: QuantSpec | None,
             raise type(error)(f"`{argument}` for layer {layer_name!r} ({role}): {error}") from None
     return LayerSpecs(specs["weight"], specs["input"], weight_pinned="bits" in changes["weight"],
                       input_pinned="bits" in changes["input"])
-
-
-def patterns_matching_nothing(rules: Iterable[str], names: Iterable[str]) -> list[str]:
-    names = list(names)
-    return [p for p in rules if not any(fnmatch.fnmatchcase(n, p) for n in names)]
 
 
 __all__ = ["GRANULARITIES", "GRIDS", "LayerSpecs", "QuantSpec", "RANGES", "as_spec", "check_rules", "resolve"]

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..quantizers import reference
-from ..quantizers.approx_quantizer import ApproxQuantizer, check_float_tensor
+from ..quantizers.approx_quantizer import ApproxQuantizer
 from ..quantizers.ops import apply, differentiable, with_eager_twin
-from ..quantizers.qparams import QParams, quantize_dequantize, rounding_gradients, straight_through_mask
+from ..quantizers.qparams import QParams, quantize_dequantize, straight_through_mask
 from ..quantizers.qparams import _plain_values as rounded_values
 
 
@@ -109,10 +109,11 @@ def quantized_bias(bias: Tensor | None, weight_qparams: QParams | None, input_qp
 def _keeps_grid_values(quantizer: ApproxQuantizer, *tensors: Tensor | None) -> bool:
     """Whether a layer quantizes its input outside its own autograd node (and so keeps the
     grid values for backward): no gradient to compute, the quantization parameters take
-    a gradient themselves, the quantizer asks for it, or torch.jit.trace (which records the
-    plain composition: a traced autograd Function is an opaque Python node)."""
-    return (quantizer.differentiable_qparams or not quantizer.recompute_in_backward or torch.jit.is_tracing()
-            or not differentiable(*tensors))
+    a gradient themselves (a range gradient, a learned step), the quantizer asks for it,
+    or torch.jit.trace (which records the plain composition: a traced autograd Function is
+    an opaque Python node)."""
+    return (quantizer.differentiable_qparams or _learns(quantizer) or not quantizer.recompute_in_backward
+            or torch.jit.is_tracing() or not differentiable(*tensors))
 
 
 def _learns(quantizer: ApproxQuantizer) -> bool:
@@ -136,11 +137,8 @@ def quantized_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor |
         x_fake, qp = quantizer.fake_quantize(x)
         _report(layer, name, quantizer, x, x_fake, qp)
         return F.linear(x_fake, weight, quantized_bias(bias, weight_qparams, qp))
-    if _learns(quantizer):  # learned parameters: their gradient comes out of the same node
-        qp = quantizer.qparams(x)
-        out, x_fake = apply(_QuantizedLinearLearned, x, weight, quantized_bias(bias, weight_qparams, qp), *_flat(qp))
-    else:  # the quantizer's own fake_quantize (a fused kernel) inside the node
-        out, x_fake, qp = apply(_QuantizedLinear, x, weight, bias, quantizer, weight_qparams)
+    # The quantizer's own fake_quantize (a fused kernel) runs inside the node.
+    out, x_fake, qp = apply(_QuantizedLinear, x, weight, bias, quantizer, weight_qparams)
     _report(layer, name, quantizer, x, x_fake, qp)
     return out
 
@@ -177,12 +175,7 @@ def quantized_conv(
         _report(layer, name, quantizer, x, x_fake, qp)
         out = torch.convolution(x_fake, weight, quantized_bias(bias, weight_qparams, qp), *geometry)
     else:
-        if _learns(quantizer):
-            qp = quantizer.qparams(x)
-            out, x_fake = apply(_QuantizedConvLearned, x, weight, quantized_bias(bias, weight_qparams, qp),
-                                *_flat(qp), *geometry)
-        else:
-            out, x_fake, qp = apply(_QuantizedConv, x, weight, bias, quantizer, weight_qparams, *geometry)
+        out, x_fake, qp = apply(_QuantizedConv, x, weight, bias, quantizer, weight_qparams, *geometry)
         _report(layer, name, quantizer, x, x_fake, qp)
     return out.squeeze(0) if unbatched else out
 
@@ -240,29 +233,17 @@ def _input_gradient(ctx, grad_x: Tensor | None, x: Tensor, qp: QParams) -> Tenso
     return _cast(grad_x, ctx.dtypes[0])
 
 
-def _quantization_gradients(ctx, grad_fake: Tensor | None, x: Tensor, qp: QParams, needs: tuple) -> tuple:
-    """Gradients of (x, scale, zero point, clip low, clip high) from the gradient of the
-    grid values: the straight-through estimator for x alone in the common case (no mask
-    pass where nothing can clip), the whole rounding gradient when the parameters learn."""
-    if grad_fake is None:
-        return (None,) * 5
-    if not any(needs[1:]):
-        return (_input_gradient(ctx, grad_fake, x, qp) if needs[0] else None,) + (None,) * 4
-    grads = rounding_gradients(grad_fake, x, qp, needs)
-    return (_cast(grads[0], ctx.dtypes[0]),) + tuple(grads[1:])
-
-
 def _cast(grad: Tensor | None, dtype: torch.dtype | None) -> Tensor | None:
     return grad if grad is None or grad.dtype == dtype else grad.to(dtype)
 
 
-def _linear_backward(ctx, grad_out: Tensor, needs: tuple) -> tuple:
-    """Gradients of (x, weight, bias, scale, zero point, clip low, clip high)."""
+def _linear_backward(ctx, grad_out: Tensor) -> tuple:
+    """Gradients of (x, weight, bias)."""
     x, weight, qp = _saved(ctx)
-    needs_quantization = (needs[0], *needs[3:7])
+    needs = ctx.needs_input_grad
     grad_fake = grad_weight = grad_bias = None
     flat_grad = grad_out.reshape(-1, grad_out.shape[-1])
-    if any(needs_quantization):
+    if needs[0]:
         (weight_cast,) = _in_backward_dtype(grad_out, weight)
         grad_fake = grad_out.matmul(weight_cast)
     if needs[1]:
@@ -270,14 +251,8 @@ def _linear_backward(ctx, grad_out: Tensor, needs: tuple) -> tuple:
         grad_weight = flat_grad.t().mm(x_fake.reshape(-1, x_fake.shape[-1]))
     if needs[2]:
         grad_bias = flat_grad.sum(0)
-    grad_x, *grad_qparams = _quantization_gradients(ctx, grad_fake, x, qp, needs_quantization)
-    return (grad_x, _cast(grad_weight, ctx.dtypes[1]), _cast(grad_bias, ctx.dtypes[2]), *grad_qparams)
-
-
-def _linear_values(x: Tensor, weight: Tensor, bias: Tensor | None, qp: QParams) -> tuple[Tensor, Tensor]:
-    check_float_tensor(x)
-    x_fake = rounded_values(x, qp)
-    return F.linear(x_fake, weight, bias), x_fake
+    return (_input_gradient(ctx, grad_fake, x, qp), _cast(grad_weight, ctx.dtypes[1]),
+            _cast(grad_bias, ctx.dtypes[2]))
 
 
 @with_eager_twin
@@ -292,9 +267,8 @@ class _QuantizedLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(x, weight, bias, quantizer, weight_qparams):
-        x_fake, qp = quantizer.fake_quantize(x)
-        bias = quantized_bias(bias, weight_qparams, qp)
-        return F.linear(x_fake, weight, bias), x_fake, qp.detach()
+        x_fake, qp = quantizer.fake_quantize(x)  # in no-grad mode here: qp holds no history
+        return F.linear(x_fake, weight, quantized_bias(bias, weight_qparams, qp)), x_fake, qp
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -305,56 +279,23 @@ class _QuantizedLinear(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_x_fake, *_):
         if grad_out is None:  # the output was not used (see set_materialize_grads)
             return (None,) * 5
-        return (*_linear_backward(ctx, grad_out, (*ctx.needs_input_grad[:3], False, False, False, False))[:3],
-                None, None)
+        return (*_linear_backward(ctx, grad_out), None, None)
 
 
-@with_eager_twin
-class _QuantizedLinearLearned(torch.autograd.Function):
-    """:class:`_QuantizedLinear` whose parameters (scale, zero point, clip range) take their
-    gradient too (learned steps): they are arguments of their own."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, weight, bias, scale, zero_point, low, high, qmin, qmax, may_clamp):
-        return _linear_values(x, weight, bias, _unflat(scale, zero_point, low, high, qmin, qmax, may_clamp))
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, *qp_args = inputs
-        _setup(ctx, x, weight, bias, tuple(qp_args), output)
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_x_fake):
-        if grad_out is None:
-            return (None,) * 10
-        return (*_linear_backward(ctx, grad_out, tuple(ctx.needs_input_grad[:7])), None, None, None)
-
-
-def _conv_backward(ctx, grad_out: Tensor, needs: tuple) -> tuple:
-    """Gradients of (x, weight, bias, scale, zero point, clip low, clip high)."""
+def _conv_backward(ctx, grad_out: Tensor) -> tuple:
+    """Gradients of (x, weight, bias)."""
     x, weight, qp = _saved(ctx)
-    needs_quantization = (needs[0], *needs[3:7])
+    needs = ctx.needs_input_grad
     stride, padding, dilation, transposed, output_padding, groups = ctx.geometry
     # The grid values matter only to the weight's gradient; the input's needs x's shape.
     source = _recompute(x, qp) if needs[1] else x
     x_fake, weight_cast = _in_backward_dtype(grad_out, source, weight)
     grad_fake, grad_weight, grad_bias = torch.ops.aten.convolution_backward(
         grad_out, x_fake, weight_cast, ctx.bias_size, stride, padding, dilation, transposed, output_padding,
-        groups, [any(needs_quantization), needs[1], needs[2] and ctx.bias_size is not None],
+        groups, [needs[0], needs[1], needs[2] and ctx.bias_size is not None],
     )
-    grad_x, *grad_qparams = _quantization_gradients(ctx, grad_fake if any(needs_quantization) else None, x, qp,
-                                                    needs_quantization)
-    return (grad_x, _cast(grad_weight if needs[1] else None, ctx.dtypes[1]),
-            _cast(grad_bias if needs[2] else None, ctx.dtypes[2]), *grad_qparams)
-
-
-def _conv_values(x, weight, bias, qp, stride, padding, dilation, transposed, output_padding, groups):
-    check_float_tensor(x)
-    x_fake = rounded_values(x, qp)
-    out = torch.convolution(x_fake, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-    return out, x_fake
+    return (_input_gradient(ctx, grad_fake if needs[0] else None, x, qp),
+            _cast(grad_weight if needs[1] else None, ctx.dtypes[1]), _cast(grad_bias if needs[2] else None, ctx.dtypes[2]))
 
 
 @with_eager_twin
@@ -368,10 +309,10 @@ class _QuantizedConv(torch.autograd.Function):
     @staticmethod
     def forward(x, weight, bias, quantizer, weight_qparams, stride, padding, dilation, transposed, output_padding,
                 groups):
-        x_fake, qp = quantizer.fake_quantize(x)
+        x_fake, qp = quantizer.fake_quantize(x)  # in no-grad mode here: qp holds no history
         bias = quantized_bias(bias, weight_qparams, qp)
         out = torch.convolution(x_fake, weight, bias, stride, padding, dilation, transposed, output_padding, groups)
-        return out, x_fake, qp.detach()
+        return out, x_fake, qp
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -383,30 +324,4 @@ class _QuantizedConv(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_x_fake, *_):
         if grad_out is None:
             return (None,) * 11
-        grads = _conv_backward(ctx, grad_out, (*ctx.needs_input_grad[:3], False, False, False, False))
-        return (*grads[:3],) + (None,) * 8
-
-
-@with_eager_twin
-class _QuantizedConvLearned(torch.autograd.Function):
-    """:class:`_QuantizedConv` whose parameters take their gradient too (learned steps)."""
-
-    generate_vmap_rule = True
-
-    @staticmethod
-    def forward(x, weight, bias, scale, zero_point, low, high, qmin, qmax, may_clamp, stride, padding, dilation,
-                transposed, output_padding, groups):
-        qp = _unflat(scale, zero_point, low, high, qmin, qmax, may_clamp)
-        return _conv_values(x, weight, bias, qp, stride, padding, dilation, transposed, output_padding, groups)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, weight, bias, *rest = inputs
-        _setup(ctx, x, weight, bias, tuple(rest[:7]), output)
-        ctx.geometry = rest[7:]
-
-    @staticmethod
-    def backward(ctx, grad_out, _grad_x_fake):
-        if grad_out is None:
-            return (None,) * 16
-        return (*_conv_backward(ctx, grad_out, tuple(ctx.needs_input_grad[:7])),) + (None,) * 9
+        return (*_conv_backward(ctx, grad_out),) + (None,) * 8

@@ -135,8 +135,14 @@ class ApproxQuantizer(nn.Module, ABC):
     def __setattr__(self, name: str, value) -> None:
         if name in self._PER_CALL:
             self.__dict__[name] = value
+        elif name == "spec":
+            self.__dict__["spec"] = value
+            self._refresh_plan()
         else:
             super().__setattr__(name, value)
+
+    def _refresh_plan(self) -> None:
+        """Called whenever the spec changes: a family caches what its hot path reads."""
 
     # ------------------------------------------------------------------------ the spec
     @property

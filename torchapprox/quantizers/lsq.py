@@ -13,8 +13,10 @@ of the weights.
 
 - Initialisation (from the first tensor the quantizer sees; a persistent ``initialized``
   flag, so checkpoints restore the learned step rather than re-initialise it):
-  ``options={"init": "lsq"}`` (the paper's ``2 * mean|x| / sqrt(Qp)``, the default) or
-  ``"minmax"`` (``max|x| / Qp``: the min/max quantizer's step, nothing clipped at first).
+  ``options={"init": "lsq"}`` (the paper's ``2 * mean|x| / sqrt(Qp)``, the default),
+  ``"minmax"`` (``max|x| / Qp``: the min/max quantizer's step, nothing clipped at first) or
+  ``"mse"`` (the step with the least squared quantization error among 64 fractions of
+  ``max|x| / Qp``, as LSQ+ initialises, Bhalgat et al. 2020).
 - Annealing: when the bits change the step moves to the new grid, so that a 16 -> 8 -> 4
   anneal does not start a phase with a step 258x (16 -> 8) too small.
   ``options={"anneal": "reinit"}`` (the default): the next tensor initialises it again, at
@@ -41,11 +43,13 @@ import torch
 from torch import nn
 
 from . import reference
-from .approx_quantizer import ApproxQuantizer
-from .qparams import QParams
+from .approx_quantizer import ApproxQuantizer, check_float_tensor
+from .ops import apply, differentiable, with_eager_twin
+from .qparams import QParams, quantize_dequantize
 from .registry import register_quantizer
 
-INITS = ("lsq", "minmax")
+INITS = ("lsq", "minmax", "mse")
+MSE_CANDIDATES = 64  # steps tried by the "mse" initialisation, from max|x| / Qp down to 1/64 of it
 ANNEALS = ("reinit", "rescale")
 OPTIONS = ("init", "anneal")
 
@@ -54,6 +58,41 @@ def _grad_scaled(step: torch.Tensor, factor: float) -> torch.Tensor:
     """``step`` in value, its gradient times ``factor`` (the paper's gradscale)."""
     scaled = step * factor
     return (step - scaled).detach() + scaled
+
+
+def _grouped_error(error: torch.Tensor, groups: int) -> torch.Tensor:
+    """Per output channel sums of a grouped ConvTranspose weight's error [in, out/groups, ...]."""
+    view = error.reshape(groups, error.shape[0] // groups, error.shape[1], -1)
+    return view.sum(dim=(1, 3)).reshape(-1)
+
+
+@with_eager_twin
+class LearnedStep(torch.autograd.Function):
+    """``apply(LearnedStep, x, scale, qmin, qmax)``: ``round(clamp(x / scale, qmin, qmax)) *
+    scale``, with the gradients of x and of the scale of Esser et al. 2020, eq. 3."""
+
+    generate_vmap_rule = True
+
+    @staticmethod
+    def forward(x, scale, qmin, qmax):
+        out = torch.ops.torchapprox.round_to_grid(x, scale, qmin, qmax)
+        return out if out.dtype == x.dtype else out.to(x.dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, scale, qmin, qmax = inputs
+        ctx.save_for_backward(x, scale)
+        ctx.bounds = (qmin, qmax)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, scale = ctx.saved_tensors
+        if torch.is_grad_enabled():  # a graph of this backward is being recorded: plain ops
+            grad_x, grad_scale = reference.learned_step_backward(grad, x, scale, *ctx.bounds)
+        else:
+            grad_x, grad_scale = torch.ops.torchapprox.learned_step_backward(grad, x, scale.detach(), *ctx.bounds)
+        return (grad_x if ctx.needs_input_grad[0] else None, grad_scale if ctx.needs_input_grad[1] else None,
+                None, None)
 
 
 @register_quantizer("lsq")
@@ -137,13 +176,47 @@ class LSQQuant(ApproxQuantizer):
             mean, top = magnitude.mean(), magnitude.max()
         unsigned = self.spec.grid == "unsigned" or (self.spec.grid == "auto" and bool(x.min() >= 0))
         levels = self._top(unsigned)
-        step = 2 * mean / math.sqrt(levels) if self.spec.option("init", "lsq") == "lsq" else top / levels
+        init = self.spec.option("init", "lsq")
+        if init == "lsq":
+            step = 2 * mean / math.sqrt(levels)
+        elif init == "minmax":
+            step = top / levels
+        else:
+            step = self._mse_step(x.detach().float(), top / levels, unsigned)
         step = torch.where(step > 0, step, torch.ones_like(step))  # an all-zero tensor: step 1
         self.step.data = step.to(self.step.device, self.step.dtype)
         self.initialized.fill_(True)
         self._known_initialized = True
 
+    def _mse_step(self, x: torch.Tensor, largest: torch.Tensor, unsigned: bool) -> torch.Tensor:
+        """The step among ``largest * k / 64`` (k = 1..64) with the least squared error of
+        the quantized tensor (per channel for per-channel steps): the clipping search of
+        Banner et al. 2019 / Bhalgat et al. 2020 (LSQ+), one pass over x per candidate."""
+        qmin, qmax = (0, self._top(True)) if unsigned else (-self._top(False), self._top(False))
+        best, best_error = largest.clone(), None
+        for k in range(MSE_CANDIDATES, 0, -1):
+            step = (largest * k / MSE_CANDIDATES).clamp_min(torch.finfo(torch.float32).tiny)
+            broadcast = self._broadcast(step, x) if step.dim() else step
+            error = (torch.clamp(torch.round(x / broadcast), qmin, qmax) * broadcast - x).square()
+            if step.dim():
+                axis, reduce = self._channel_dims(x) if self.channel_groups == 1 else (None, None)
+                error = error.sum(dim=reduce) if reduce is not None else _grouped_error(error, self.channel_groups)
+            else:
+                error = error.sum()
+            if best_error is None:
+                best_error = error
+            else:
+                better = error < best_error
+                best = torch.where(better, step, best)
+                best_error = torch.where(better, error, best_error)
+        return best
+
     # -------------------------------------------------------------------- the contract
+    @property
+    def differentiable_qparams(self) -> bool:
+        # The step learns: layers keep the grid values rather than recompute them.
+        return self.step.requires_grad
+
     def compute_qparams(self, x: torch.Tensor) -> QParams:
         if not self._known_initialized:
             if bool(self.initialized):
@@ -155,25 +228,38 @@ class LSQQuant(ApproxQuantizer):
         if self.role == "input" and x.dim() > 1:
             per_step = x.numel() // x.shape[0]  # the paper's N_F: the features of one sample
         top_signed, top_unsigned = reference.int_max(spec.bits), reference.unsigned_max(spec.bits)
-        qmax = top_unsigned if spec.grid == "unsigned" else top_signed
-        factor = 1.0 / math.sqrt(max(per_step, 1) * qmax)
+        factor = 1.0 / math.sqrt(max(per_step, 1) * (top_unsigned if spec.grid == "unsigned" else top_signed))
         step = _grad_scaled(self.step, factor) if torch.is_grad_enabled() and self.step.requires_grad else self.step
         # A step that training pushes through zero is taken by its magnitude, at least the
         # smallest normal number.
         step = step.abs().clamp_min(torch.finfo(step.dtype).tiny)
         scale = self._broadcast(step, x).to(reference.compute_dtype(x.dtype))
         channels = step if self.spec.granularity == "per_channel" else None
-        # The paper clips x / s to [-Qn, Qp] before rounding: a clip range in real units,
-        # whose bounds take the step's gradient (Qn or Qp where clipped).
-        high = top_signed * scale if spec.grid == "signed" else top_unsigned * scale
-        low = -high if spec.grid == "signed" else torch.zeros_like(scale)
-        if spec.grid == "auto":  # per call, on the device: unsigned for a non-negative tensor
-            unsigned = (x.detach().min() >= 0) if x.numel() else torch.ones((), dtype=torch.bool, device=x.device)
-            low = torch.where(unsigned, low, -top_signed * scale)
-            high = torch.where(unsigned, high, top_signed * scale)
-        qmin = 0 if spec.grid == "unsigned" else -top_signed
-        qmax = top_signed if spec.grid == "signed" else top_unsigned
-        return QParams(scale, qmin, qmax, clip=(low, high), constant=True, may_clamp=False, channels=channels)
+        if spec.grid == "auto":
+            if torch.compiler.is_exporting():
+                # In the graph: the bounds picked from the tensor's sign, on the device.
+                unsigned = x.detach().min() >= 0
+                low = torch.where(unsigned, torch.zeros_like(scale), -top_signed * scale)
+                high = torch.where(unsigned, top_unsigned * scale, top_signed * scale)
+                return QParams(scale, -top_signed, top_unsigned, clip=(low, high), constant=True, channels=channels)
+            # Unsigned levels for a non-negative tensor: one value read back per call.
+            unsigned = x.numel() == 0 or bool(x.detach().min() >= 0)
+            qmin, qmax = (0, top_unsigned) if unsigned else (-top_signed, top_signed)
+        else:
+            qmin, qmax = (0, top_unsigned) if spec.grid == "unsigned" else (-top_signed, top_signed)
+        return QParams(scale, qmin, qmax, None, None, True, True, channels)
+
+    def fake_quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, QParams]:
+        """``round(clamp(x / s, qmin, qmax)) * s`` with the paper's gradients: one C++ pass
+        on the CPU in each direction (``round_to_grid``, ``learned_step_backward``)."""
+        check_float_tensor(x)
+        qp = self.qparams(x)
+        if torch.compiler.is_exporting() or qp.clip is not None or x.numel() == 0:
+            return quantize_dequantize(x, qp), qp
+        if differentiable(x, qp.scale) and not torch.jit.is_tracing():
+            return apply(LearnedStep, x, qp.scale, qp.qmin, qp.qmax), qp
+        out = torch.ops.torchapprox.round_to_grid(x, qp.scale.detach(), qp.qmin, qp.qmax)
+        return (out if out.dtype == x.dtype else out.to(x.dtype)), qp
 
     def constant_qparams(self) -> QParams | None:
         # The auto grid picks its bounds from each tensor's sign: not constant.

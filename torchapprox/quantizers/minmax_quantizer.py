@@ -10,18 +10,33 @@ kernel held to it). Rounding is the one rounding op of ``qparams.py``.
 from __future__ import annotations
 
 import numbers
+from typing import NamedTuple
 
 import torch
 
 from . import reference
 from .approx_quantizer import ApproxQuantizer, check_bitwidth, check_float_tensor
-from .ops import apply, differentiable, fake_quantize_ste
+from .ops import FakeQuantize, apply
 from .qparams import QParams
 from .range_gradient import FakeQuantizeRangeGradient
 from .registry import register_quantizer
 
 GRIDS = reference.GRIDS
 EVAL_RANGES = ("batch", "running")
+
+
+class _Plan(NamedTuple):
+    """What the hot path reads of the spec, computed once per spec."""
+
+    bits: int
+    grid: str
+    per_channel: bool
+    per_token: bool
+    running: bool
+    range_gradient: bool
+    qmin: int
+    qmax: int
+    may_clamp: bool
 
 
 def _seed_scale_factor(minmax: torch.Tensor, int_max: int | torch.Tensor) -> torch.Tensor:
@@ -183,7 +198,8 @@ class MinMaxQuant(ApproxQuantizer):
 
     @property
     def differentiable_qparams(self) -> bool:
-        return self.spec.range_gradient and self.stored_range() is None
+        plan = self._plan
+        return plan.range_gradient and self._buffers["static_range"] is None and (self.training or not plan.running)
 
     def constant_qparams(self) -> QParams | None:
         if self.stored_range() is None:
@@ -264,26 +280,38 @@ class MinMaxQuant(ApproxQuantizer):
     def fake_quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, QParams]:
         """The contract's ``qparams`` + rounding; for a scale from x's own range, one fused
         kernel (``torchapprox::fake_quantize``: the same values; with ``range_gradient``,
-        the gradient through the range as well)."""
+        the gradient through the range as well). The hot path of every layer: it reads the
+        spec through ``_plan`` (refreshed when the spec changes) and the buffers directly."""
         check_float_tensor(x)
-        if self._observer is not None or torch.compiler.is_exporting() or self.stored_range() is not None:
+        plan = self._plan
+        if (self._observer is not None or self._buffers["static_range"] is not None
+                or (plan.running and not self.training) or torch.compiler.is_exporting()):
             return super().fake_quantize(x)
-        if self.spec.range == "running" and self.training and x.numel() > 0:
+        if plan.running and self.training and x.numel() > 0:
             self._track_range(x)
-        spec = self.spec
-        grouped = self._grouped(x)
-        source = x.reshape(self.channel_groups, x.shape[0] // self.channel_groups, *x.shape[1:]) if grouped else x
-        axes = [0, 2] if grouped else self._axes(x)
-        if spec.range_gradient and differentiable(x) and not torch.jit.is_tracing():
-            x_fake, scale = apply(FakeQuantizeRangeGradient, source, spec.bits, spec.grid, axes)
+        grouped = plan.per_channel and self.channel_groups > 1
+        if grouped:
+            source, axes = x.reshape(self.channel_groups, x.shape[0] // self.channel_groups, *x.shape[1:]), [0, 2]
         else:
-            x_fake, scale = fake_quantize_ste(source, spec.bits, spec.grid, axes)
-        channels = scale.reshape(-1) if spec.granularity == "per_channel" else None
+            source, axes = x, (self._axes(x) if plan.per_channel or plan.per_token else [])
+        gradient = torch.is_grad_enabled() and x.requires_grad and not torch.jit.is_tracing()
+        if gradient:
+            x_fake, scale = apply(FakeQuantizeRangeGradient if plan.range_gradient else FakeQuantize, source,
+                                  plan.bits, plan.grid, axes)
+        else:
+            x_fake, scale = torch.ops.torchapprox.fake_quantize(source, plan.bits, plan.grid, axes)
+        channels = scale.reshape(-1) if plan.per_channel else None
         if grouped:
             x_fake = x_fake.reshape(x.shape)
             scale = scale.expand(*source.shape[:2], *scale.shape[2:]).reshape(x.shape[0], *scale.shape[2:])
+        return x_fake, QParams(scale, plan.qmin, plan.qmax, None, None, False, plan.may_clamp, channels)
+
+    def _refresh_plan(self) -> None:
+        spec = self.spec
         qmin, qmax = reference.grid_bounds(spec.bits, spec.grid)
-        return x_fake, QParams(scale, qmin, qmax, may_clamp=spec.grid == "unsigned", channels=channels)
+        self.__dict__["_plan"] = _Plan(spec.bits, spec.grid, spec.granularity == "per_channel",
+                                       spec.granularity == "per_token", spec.range == "running",
+                                       spec.range_gradient, qmin, qmax, spec.grid == "unsigned")
 
     def compute_scale(self, x: torch.Tensor) -> torch.Tensor:
         """The scale (step) of ``x``'s own range (no gradient), in the shape that broadcasts against x."""

@@ -12,6 +12,8 @@ Three ops in the ``torchapprox`` namespace (values: see ``reference.py``):
 - ``torchapprox::range_gradient_backward(Tensor grad, Tensor x, Tensor scale, int bitwidth,
   str grid, int[] axes) -> Tensor``: the gradient of ``fake_quantize`` with the range left
   attached (``range_gradient.py``), for backward passes that record no graph of their own.
+- ``torchapprox::learned_step_backward(Tensor grad, Tensor x, Tensor scale, int qmin, int qmax)
+  -> (Tensor, Tensor)``: the gradients of x and of a learned step (``lsq.py``), one pass.
 
 Each has a fake kernel (shapes only, for ``torch.compile`` and ``torch.export``), an autograd
 formula (the straight-through estimator: the gradient passes where the rounded value is
@@ -86,6 +88,15 @@ def range_gradient_backward(grad: Tensor, x: Tensor, scale: Tensor, bitwidth: in
     return reference.range_gradient_backward(grad, x, scale, bitwidth, grid, axes)
 
 
+@torch.library.custom_op("torchapprox::learned_step_backward", mutates_args=())
+def learned_step_backward(grad: Tensor, x: Tensor, scale: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    if grad.shape != x.shape:
+        raise ValueError(f"torchapprox ops: grad must have x's shape {tuple(x.shape)}, got {tuple(grad.shape)}")
+    if _cpu_kernels_take(x):
+        return torch.ops.torchapprox.learned_step_backward(grad, x, scale, qmin, qmax)
+    return reference.learned_step_backward(grad, x, scale, qmin, qmax)
+
+
 # ------------------------------------------------------------------------------ fake kernels
 def _fake_scale(x: Tensor, axes: list[int]) -> Tensor:
     return x.new_empty(reference.scale_shape(x, axes), dtype=reference.compute_dtype(x.dtype))
@@ -109,6 +120,11 @@ def _(x, bitwidth, grid, axes):
 @range_gradient_backward.register_fake
 def _(grad, x, scale, bitwidth, grid, axes):
     return torch.empty_like(x)
+
+
+@learned_step_backward.register_fake
+def _(grad, x, scale, qmin, qmax):
+    return torch.empty_like(x), torch.empty_like(scale)
 
 
 # --------------------------------------------------------------------------------- autograd

@@ -178,3 +178,22 @@ def range_gradient_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Te
     ties = per_slice(extreme.to(compute.dtype), torch.sum).clamp_min(1)
     grad_x = grad_c * passing + extreme * torch.sign(compute) * d_range / ties
     return grad_x.to(x.dtype)
+
+
+def learned_step_backward(grad: torch.Tensor, x: torch.Tensor, scale: torch.Tensor, qmin: int, qmax: int
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gradient of ``round(clamp(x / scale, qmin, qmax)) * scale`` (LSQ, Esser et al.
+    2020, eq. 3): ``(grad_x, grad_scale)``. x passes where ``qmin <= x / scale <= qmax``; the
+    scale gets ``grad * (round(u) - u)`` there (``u = x / scale``) and ``grad * qmin`` or
+    ``grad * qmax`` where clipped, summed to the scale's shape. In the scale's dtype (grad_x
+    in x's)."""
+    compute, g = x.detach().to(scale.dtype), grad.to(scale.dtype)
+    u = compute / scale
+    below, above = u < qmin, u > qmax
+    inside = torch.logical_not(torch.logical_or(below, above))
+    grad_x = (g * inside).to(x.dtype)
+    terms = g * torch.where(inside, torch.round(u) - u, torch.where(below, float(qmin), float(qmax)))
+    if scale.dim() == 0:
+        return grad_x, terms.sum()
+    reduce = [d for d in range(terms.dim()) if scale.shape[d] == 1 and terms.shape[d] != 1]
+    return grad_x, terms.sum(reduce, keepdim=True) if reduce else terms

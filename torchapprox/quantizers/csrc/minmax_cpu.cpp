@@ -631,12 +631,89 @@ at::Tensor minmax_scale_autograd(const at::Tensor& x, int64_t bitwidth, c10::str
   return scale_op().call(x, bitwidth, grid, axes);
 }
 
+// ------------------------------------------------------ learned steps (the "lsq" family)
+// reference.learned_step_backward in ATen (every case the loops below do not take).
+std::tuple<at::Tensor, at::Tensor> reference_learned_step(const at::Tensor& grad, const at::Tensor& x,
+                                                          const at::Tensor& scale, double qmin, double qmax) {
+  const at::Tensor compute = x.to(scale.scalar_type()), g = grad.to(scale.scalar_type());
+  const at::Tensor u = compute / scale;
+  const at::Tensor below = u < qmin, above = u > qmax, inside = at::logical_not(at::logical_or(below, above));
+  const at::Tensor grad_x = (g * inside).to(x.scalar_type());
+  at::Tensor terms = g * at::where(inside, at::round(u) - u, at::where(below, at::full({}, qmin, u.options()),
+                                                                       at::full({}, qmax, u.options())));
+  if (scale.dim() == 0) return {grad_x, terms.sum()};
+  std::vector<int64_t> reduce;
+  for (int64_t d = 0; d < terms.dim(); ++d)
+    if (scale.size(d) == 1 && terms.size(d) != 1) reduce.push_back(d);
+  return {grad_x, reduce.empty() ? terms : terms.sum(reduce, /*keepdim=*/true)};
+}
+
+// One block of the backward: grad_x, and the block's share of d x_fake / d scale summed.
+template <typename T>
+TA_VECTOR_CLONES double learned_step_block(const T* __restrict grad, const T* __restrict x, T* __restrict grad_x,
+                                           int64_t begin, int64_t end, T scale, T qmin, T qmax) {
+  double sum = 0;
+#pragma omp simd reduction(+ : sum)
+  for (int64_t i = begin; i < end; ++i) {
+    const T u = x[i] / scale, g = grad[i];
+    const bool below = u < qmin, above = u > qmax;
+    grad_x[i] = (below || above) ? T(0) : g;
+    sum += double(g * (below ? qmin : above ? qmax : std::rint(u) - u));
+  }
+  return sum;
+}
+
+// The gradient of clip-then-round with a learned step (Esser et al. 2020, eq. 3), in one pass
+// over grad and x: grad_x passes where qmin <= x / s <= qmax; the step gets
+// sum(grad * (rint(x / s) - x / s)) inside and qmin or qmax where clipped, one per scale.
+std::tuple<at::Tensor, at::Tensor> learned_step_backward(const at::Tensor& grad, const at::Tensor& x,
+                                                         const at::Tensor& scale, int64_t qmin, int64_t qmax) {
+  check_input(x, "learned_step_backward");
+  const bool same = grad.scalar_type() == x.scalar_type() && grad.sizes() == x.sizes();
+  if (!(same && fast(x) && scale.scalar_type() == x.scalar_type() && x.numel() > 0 &&
+        (scale.dim() == 0 || row_scales_for(x, scale))))
+    return reference_learned_step(grad, x, scale, double(qmin), double(qmax));
+  const at::Tensor xs = x.contiguous(), gs = grad.contiguous().to(x.scalar_type());
+  at::Tensor grad_x = at::empty_like(xs);
+  at::Tensor grad_scale = at::empty_like(scale);
+  const int64_t rows = scale.dim() == 0 ? 1 : scale.numel(), n = xs.numel() / rows;
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "learned_step_backward", [&] {
+    const scalar_t* g = gs.const_data_ptr<scalar_t>();
+    const scalar_t* src = xs.const_data_ptr<scalar_t>();
+    const scalar_t* scales = scale.const_data_ptr<scalar_t>();
+    scalar_t* gx = grad_x.mutable_data_ptr<scalar_t>();
+    scalar_t* out = grad_scale.mutable_data_ptr<scalar_t>();
+    const scalar_t low = static_cast<scalar_t>(qmin), high = static_cast<scalar_t>(qmax);
+    if (rows == 1) {
+      // Fixed chunks, summed in chunk order: the same total whatever the threads.
+      const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(64, n / kGrain));
+      std::vector<double> partial(chunks, 0.0);
+      at::parallel_for(0, chunks, 1, [&](int64_t first, int64_t last) {
+        for (int64_t c = first; c < last; ++c)
+          partial[c] = learned_step_block(g, src, gx, c * n / chunks, (c + 1) * n / chunks, scales[0], low, high);
+      });
+      double total = 0;
+      for (double value : partial) total += value;
+      out[0] = static_cast<scalar_t>(total);
+    } else {
+      at::parallel_for(0, rows, std::max<int64_t>(1, kGrain / n), [&](int64_t first, int64_t last) {
+        for (int64_t row = first; row < last; ++row)
+          out[row] = static_cast<scalar_t>(
+              learned_step_block(g + row * n, src + row * n, gx + row * n, 0, n, scales[row], low, high));
+      });
+    }
+  });
+  return {in_layout_of(x, grad_x), grad_scale};
+}
+
 }  // namespace
+
 
 // The schemas are defined in Python (torch.library.custom_op in ops.py); these kernels
 // take the CPU dispatch keys, ahead of the Python implementation and autograd formula
 // that the other devices use.
 TORCH_LIBRARY_IMPL(torchapprox, CPU, m) {
+  m.impl("learned_step_backward", &learned_step_backward);
   m.impl("minmax_scale", &minmax_scale);
   m.impl("round_to_grid", &round_to_grid);
   m.impl("fake_quantize", &fake_quantize);
