@@ -106,6 +106,33 @@ def test_callbacks_compose_as_a_dict():
     assert (low_bit.activation_grid, low_bit.interval, low_bit.bn_reestimate, low_bit.lr_rewarm_steps) == ("auto", "step", True, 20)
 
 
+def test_specs_compose_from_presets_and_single_fields():
+    qat = instantiate(config("+quant=per_channel", "callbacks.qat.input.granularity=per_token",
+                             "callbacks.qat.rules={net.classifier:{bits:8}}").callbacks.qat, _convert_="all")
+    assert qat.weight_spec.granularity == "per_channel" and qat.input_spec.granularity == "per_token"
+    assert qat.input_spec.grid == "auto" and qat.rules == {"net.classifier": {"bits": 8}}
+    lsq = instantiate(config("+quant=lsq").callbacks.qat, _convert_="all")
+    assert (lsq.weight_spec.quantizer, lsq.input_spec.quantizer) == ("lsq", "lsq")
+    assert lsq.input_spec.option("init") == "minmax"
+    # A shortcut given on the command line still wins over the spec's field (one release).
+    legacy = instantiate(config("callbacks.qat.activation_grid=signed").callbacks.qat, _convert_="all")
+    assert legacy.input_spec.grid == "signed"
+
+
+def test_a_misspelled_key_is_one_line_and_exit_status_2(tmp_path):
+    result = app("shedule=constant", f"hydra.run.dir={tmp_path}/a", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "Error: unknown config key `shedule`: check its spelling (`python -m experiments.train --cfg job` prints the "
+        "config), or add a new key with +shedule=..."]
+    result = app("callbacks.qat.input.granularty=per_token", f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)
+    assert result.returncode == 2 and "`callbacks.qat.input.granularty`" in result.stderr
+    result = app("callbacks.qat.input.granularity=per_row", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/c",
+                 cwd=tmp_path)
+    assert result.returncode == 2 and "`granularity` must be one of 'per_tensor', 'per_channel', 'per_token'" in \
+        result.stderr and result.stderr.strip().count("\n") == 0
+
+
 @pytest.mark.parametrize("option", ["tensorboard", "csv"])
 def test_logger_options(option, tmp_path):
     logger = instantiate(config(f"logger={option}").logger, save_dir=str(tmp_path))

@@ -287,7 +287,9 @@ def _app(*args, cwd=ROOT, timeout=600):
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("runs") / "run"
-    result = _app("experiments.train", "trainer.max_epochs=3", "schedule=constant", "bits=4",
+    # The default step schedule: 16, 8, then 4 bits. The export must come back at 4, not at
+    # the schedule's first bits.
+    result = _app("experiments.train", "trainer.max_epochs=3", "bits=4",
                   "callbacks.qat.calibrate_batches=4", "~callbacks.progress_bar", "+trainer.enable_progress_bar=false",
                   f"hydra.run.dir={run_dir}")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -306,6 +308,15 @@ def test_export_from_a_run_dir(finished_run, static):
     if static:  # the run calibrated: its test metrics were taken with the same static scales
         assert torch_accuracy == pytest.approx(recorded, abs=1e-4)
     assert "file size: QDQ" in result.stdout and (finished_run / "model.onnx").is_file()
+    assert "QDQ, 4 bits" in result.stdout  # the bits it was trained and tested at
+
+
+def test_export_latency_pins_onnx_runtime_threads(finished_run):
+    result = _app("experiments.export", str(finished_run), "--latency", "--threads", "2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 thread(s)" in result.stdout
+    bad = _app("experiments.export", str(finished_run), "--threads", "0")
+    assert bad.returncode == 2 and "--threads must be an int >= 1, got 0" in bad.stderr
 
 
 def test_export_refuses_bad_run_dirs_and_float_runs_in_one_line(tmp_path):

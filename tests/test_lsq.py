@@ -157,7 +157,7 @@ def test_reinit_anneal_starts_each_phase_from_the_data_at_its_bits():
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("granularity", "per_token", "not per token"), ("range", "running", "neither running nor calibrated"),
+    ("range", "running", "neither running nor calibrated"),
     ("range_gradient", True, "is a 'minmax' option"), ("options", {"init": "max"}, r"`options\['init'\]` must be"),
     ("options", {"clip": 1.0}, "takes only 'init'"), ("options", {"anneal": "keep"}, r"`options\['anneal'\]`"),
 ])
@@ -271,3 +271,29 @@ def test_the_learned_step_kernel_matches_its_reference(shape, scale_shape, dtype
         want = reference.learned_step_backward(grad_strided, strided, scale, -7, 7)
         assert torch.equal(got[0], want[0]) and torch.allclose(got[1], want[1], rtol=1e-5, atol=1e-5)
     torch.library.opcheck(torch.ops.torchapprox.learned_step_backward.default, (grad, x, scale, -7, 7))
+
+
+@pytest.mark.parametrize("grid", ["signed", "unsigned"])
+def test_per_token_steps_are_a_learned_fraction_of_each_tokens_range(grid):
+    x = torch.randn(3, 5, 8) * torch.linspace(0.2, 4, 5).reshape(1, 5, 1)
+    x = x.relu() if grid == "unsigned" else x
+    quantizer = ta.quantizers.build_quantizer(lsq_spec(3, grid=grid, granularity="per_token"), role="input")
+    assert torch.equal(quantizer(x), ta.MinMaxQuant(3, grid=grid, axis="token")(x))  # the ratio starts at 1
+    with torch.no_grad():
+        quantizer.step.fill_(0.7)
+    data = x.clone().requires_grad_()
+    out = quantizer(data)
+    ratio = torch.tensor(0.7, requires_grad=True)
+    top = 2**3 - 1 if grid == "unsigned" else 2**2 - 1
+    ranges = (x.abs().amax(-1, keepdim=True) / top).clamp_min(torch.finfo(torch.float32).tiny)
+    g = 1.0 / math.sqrt(40 * top)  # the features of one sample, times Qp
+    scale = ((ratio - ratio * g).detach() + ratio * g) * ranges
+    qmin, qmax = (0, top) if grid == "unsigned" else (-top, top)
+    clipped = torch.clamp(x / scale, qmin, qmax)
+    expected = (clipped + (torch.round(clipped) - clipped).detach()) * scale
+    assert torch.allclose(out, expected, atol=1e-6)
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    expected.backward(upstream)
+    assert torch.allclose(quantizer.step.grad, ratio.grad, rtol=1e-3, atol=1e-6)
+    assert torch.equal(data.grad, upstream * (x / scale.detach()).ge(qmin).logical_and((x / scale.detach()).le(qmax)))

@@ -25,10 +25,13 @@ of the weights.
   range; poor right after the paper's initialisation at 16 bits, whose range
   ``2 mean|x| sqrt(Qp)`` is hundreds of times max|x|).
 - Grids: ``signed`` ([-(2^(b-1)-1), 2^(b-1)-1] steps), ``unsigned`` ([0, 2^b - 1]),
-  ``auto`` (per call: unsigned where the tensor is non-negative, signed otherwise; the
-  range bounds are then tensors, and their gradient reaches the step as the clamped
-  levels' does). Granularity: per tensor, or per channel for weights (one step per output
-  channel). Per-token inputs and stored ranges are not this family's: refused by the spec.
+  ``auto`` (per call: unsigned where the tensor is non-negative, signed otherwise; one
+  value read back). Granularity: per tensor; per channel for weights (one step per output
+  channel); per token for inputs, where the learned parameter is a fraction ``r`` of each
+  token's own range, ``step_t = r * max|x_t| / Qp`` (a learned clipping ratio, as PACT,
+  Choi et al. 2018, and LSQ+, Bhalgat et al. 2020, learn a clip; ``r`` starts at 1, the
+  min/max step, or at the least-error fraction for ``init="mse"``). Stored ranges are not
+  this family's: refused by the spec.
 - The step is a Parameter of the quantizer (in ``state_dict``, keys
   ``<layer>.<tensor>_quantizer.step`` and ``.initialized``): an optimizer built after
   ``attach`` trains it, checkpoints hold it. ``torchapprox.float_state_dict`` drops those
@@ -130,9 +133,6 @@ class LSQQuant(ApproxQuantizer):
             if spec.option(option, default) not in allowed:
                 raise ValueError(f"QuantSpec `options['{option}']` must be one of {', '.join(map(repr, allowed))} "
                                  f"for the 'lsq' family, got {spec.option(option)!r}")
-        if spec.granularity == "per_token":
-            raise ValueError("QuantSpec `granularity='per_token'`: the 'lsq' family learns one step per tensor or "
-                             "per channel, not per token")
         if spec.range != "dynamic":
             raise ValueError(f"QuantSpec `range={spec.range!r}`: the 'lsq' family learns its step; its range is "
                              "neither running nor calibrated (use range='dynamic')")
@@ -161,8 +161,38 @@ class LSQQuant(ApproxQuantizer):
             return full.reshape(x.shape[0], *per_group.shape[2:])
         return step.reshape([-1 if d == axis else 1 for d in range(x.dim())])
 
+    def _token_grid(self, x: torch.Tensor) -> str:
+        """Per token: the grid, decided once per tensor on the auto grid (one value read back)."""
+        if self.spec.grid != "auto":
+            return self.spec.grid
+        return "unsigned" if x.numel() == 0 or bool(x.detach().min() >= 0) else "signed"
+
+    def _token_ranges(self, x: torch.Tensor, grid: str) -> torch.Tensor:
+        """Each token's min/max step ``max|x_t| / Qp`` (shape [..., 1]; no gradient)."""
+        return torch.ops.torchapprox.minmax_scale(x.detach(), self.spec.bits, grid, list(range(x.dim() - 1)))
+
+    @torch.no_grad()
+    def _initialize_ratio(self, x: torch.Tensor) -> None:
+        """Per token the learned parameter is a fraction of each token's own range: 1 (the
+        min/max step) for init "lsq" and "minmax", the least-error fraction for "mse"."""
+        ratio = torch.ones((), dtype=torch.float32)
+        if self.spec.option("init", "lsq") == "mse" and x.numel():
+            grid = self._token_grid(x)
+            ranges = self._token_ranges(x, grid)
+            qmin, qmax = reference.grid_bounds(self.spec.bits, grid)
+            compute = x.detach().to(ranges.dtype)
+            errors = [(torch.clamp(torch.round(compute / (ranges * k / MSE_CANDIDATES)), qmin, qmax)
+                       * (ranges * k / MSE_CANDIDATES) - compute).square().sum() for k in range(1, MSE_CANDIDATES + 1)]
+            ratio = torch.tensor((int(torch.stack(errors).argmin()) + 1) / MSE_CANDIDATES)
+        self.step.data = ratio.to(self.step.device, self.step.dtype)
+        self.initialized.fill_(True)
+        self._known_initialized = True
+
     @torch.no_grad()
     def _initialize(self, x: torch.Tensor) -> None:
+        if self.spec.granularity == "per_token":
+            self._initialize_ratio(x)
+            return
         magnitude = x.detach().float().abs()
         if self.spec.granularity == "per_channel":
             if self.channel_groups > 1:
@@ -233,6 +263,14 @@ class LSQQuant(ApproxQuantizer):
         # A step that training pushes through zero is taken by its magnitude, at least the
         # smallest normal number.
         step = step.abs().clamp_min(torch.finfo(step.dtype).tiny)
+        if spec.granularity == "per_token":
+            # A learned fraction of each token's own range (a learned clipping ratio, as PACT
+            # and LSQ+ learn a clip): step_t = ratio * max|x_t| / Qp, its gradient reaching
+            # the ratio through every token's step.
+            grid = self._token_grid(x)
+            qmin, qmax = reference.grid_bounds(spec.bits, grid)
+            scale = step.to(reference.compute_dtype(x.dtype)) * self._token_ranges(x, grid)
+            return QParams(scale, qmin, qmax, None, None, False, True, None)
         scale = self._broadcast(step, x).to(reference.compute_dtype(x.dtype))
         channels = step if self.spec.granularity == "per_channel" else None
         if spec.grid == "auto":
@@ -275,6 +313,8 @@ class LSQQuant(ApproxQuantizer):
                 self.initialized.fill_(False)  # the next tensor initialises it at the new bits
             self._known_initialized = False
             return
+        if self.spec.granularity == "per_token":
+            return  # a fraction of each token's range: the range already follows the bits
         unsigned = self.spec.grid == "unsigned"
         ratio = (2**old - 1 if unsigned else 2 ** (old - 1) - 1) / (2**new - 1 if unsigned else 2 ** (new - 1) - 1)
         with torch.no_grad():
