@@ -51,7 +51,8 @@ def _one_line(error: Exception) -> str:
     text = str(error).strip()
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown:
-        key = unknown.group(1)
+        # The key that is missing (a dict value's own key, for `options={init:mse}`).
+        key = getattr(error.__cause__, "full_key", None) or unknown.group(1)
         return (f"unknown config key `{key}`: check its spelling (`python -m experiments.train --cfg job` prints the "
                 f"config), or add a new key with +{key}=...")
     missing = re.search(r"Could not find '([^']+)'", text)
