@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("csrc") / "minmax_cpu.cpp"
+NAME_PREFIX = "torchapprox_cpu"
 # -fopenmp: at::parallel_for runs on torch's own OpenMP threads; -fopenmp-simd: the
 # `omp simd` loops vectorize; no FMA contraction, which would change the rounding.
 CFLAGS = ["-O3", "-fopenmp", "-fopenmp-simd", "-ffp-contract=off"]
@@ -51,29 +52,37 @@ def compile_disabled() -> bool:
 def kernels_loaded() -> bool:
     """Load the CPU kernels on first use; True when they serve the ops' CPU calls."""
     global _state
-    if _state == "untried":
-        _state = "unavailable"
-        if not compile_disabled():
-            try:
-                load()
-                _state = "loaded"
-            except Exception as error:  # noqa: BLE001 - any build or load failure means: use torch ops
-                first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-                warnings.warn(
-                    f"torchapprox: the C++ CPU kernels could not be built or loaded ({type(error).__name__}: "
-                    f"{first_line}); using plain torch ops instead (same values, slower). "
-                    "Set TORCHAPPROX_COMPILE=0 to skip the attempt.",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
+    _state = load_once(_state, SOURCE, NAME_PREFIX, "C++ CPU kernels", "slower")
     return _state == "loaded"
 
 
-def build_key() -> str:
+def load_once(state: str, source: Path, prefix: str, what: str, cost: str, seconds: int = 25) -> str:
+    """The next state of a library of kernels that loads on first use: ``"loaded"`` or
+    ``"unavailable"`` once tried (a failure warns once), ``state`` itself once decided."""
+    if state != "untried":
+        return state
+    if compile_disabled():
+        return "unavailable"
+    try:
+        load(source, prefix, what, seconds)
+        return "loaded"
+    except Exception as error:  # noqa: BLE001 - any build or load failure means: use torch ops
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        warnings.warn(
+            f"torchapprox: the {what} could not be built or loaded ({type(error).__name__}: {first_line}); "
+            f"using plain torch ops instead (same values, {cost}). Set TORCHAPPROX_COMPILE=0 to skip the attempt.",
+            RuntimeWarning,
+            stacklevel=4,
+        )
+        return "unavailable"
+
+
+def build_key(source: Path | None = None) -> str:
     """What the build depends on: source, flags, Python, and the torch installation loaded."""
     torch_install = str(Path(torch.__file__).resolve().parent)
-    parts = [SOURCE.read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), sys.version.encode(), platform.machine().encode(),
-             torch.__version__.encode(), str(torch.version.git_version).encode(), torch_install.encode()]
+    parts = [(source or SOURCE).read_bytes(), " ".join(CFLAGS + LDFLAGS).encode(), sys.version.encode(),
+             platform.machine().encode(), torch.__version__.encode(), str(torch.version.git_version).encode(),
+             torch_install.encode()]
     return hashlib.sha256(b"\0".join(parts)).hexdigest()[:16]
 
 
@@ -91,21 +100,23 @@ def build_timeout() -> float:
         raise ValueError(f"TORCHAPPROX_BUILD_TIMEOUT must be a number of seconds, got {value!r}") from None
 
 
-def load() -> None:
-    """Load the library, building it first if this torch installation has none yet."""
-    name = f"torchapprox_cpu_{build_key()}"
+def load(source: Path | None = None, prefix: str | None = None, what: str = "C++ CPU kernels",
+         seconds: int = 25) -> None:
+    """Load the library of ``source``, building it first if this torch installation has none yet."""
+    source = source or SOURCE
+    name = f"{prefix or NAME_PREFIX}_{build_key(source)}"
     root = cache_root()
     library = root / name / f"{name}.so"
     if not library.exists():
         root.mkdir(parents=True, exist_ok=True)
         with _BuildLock(root / f"{name}.lock", build_timeout()):
             if not library.exists():  # another process may have built it while we waited
-                _build_and_load(name, root, library)
+                _build_and_load(name, root, library, source, what, seconds)
                 return
     torch.ops.load_library(str(library))
 
 
-def _build_and_load(name: str, root: Path, library: Path) -> None:
+def _build_and_load(name: str, root: Path, library: Path, source: Path, what: str, seconds: int) -> None:
     """Build in a scratch folder (torch loads the library from there), then move it into place."""
     from torch.utils.cpp_extension import load as build_and_load
 
@@ -113,11 +124,11 @@ def _build_and_load(name: str, root: Path, library: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
     scratch = root / f"{name}.build-{os.getpid()}"
     scratch.mkdir()
-    print(f"torchapprox: building the C++ CPU kernels, once per torch installation (about 25 s), in {library.parent}",
-          file=sys.stderr, flush=True)
+    print(f"torchapprox: building the {what}, once per torch installation (about {seconds} s), in "
+          f"{library.parent}", file=sys.stderr, flush=True)
     try:
         # Copies: torch's load() appends its own flags to the lists it is given.
-        build_and_load(name=name, sources=[str(SOURCE)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
+        build_and_load(name=name, sources=[str(source)], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                        build_directory=str(scratch), is_python_module=False, verbose=False)
         library.parent.mkdir(parents=True, exist_ok=True)
         os.replace(scratch / f"{name}.so", library)  # atomic: nobody sees half a library

@@ -174,6 +174,19 @@ def rounding_gradients(grad: Tensor, x: Tensor, qp: QParams, needs: tuple[bool, 
     return tuple(grads)
 
 
+def _setup_qparams(ctx, inputs, output) -> None:
+    """setup_context of the Functions below: they take ``(x, scale, zero_point, low, high,
+    qmin, qmax)`` and keep x and the parameters."""
+    x, scale, zero_point, low, high, qmin, qmax = inputs
+    ctx.save_for_backward(x, scale, zero_point, low, high)
+    ctx.bounds = (qmin, qmax)
+
+
+def _saved_qparams(ctx) -> tuple[Tensor, QParams]:
+    x, scale, zero_point, low, high = ctx.saved_tensors
+    return x, QParams(scale, *ctx.bounds, zero_point, None if low is None else (low, high))
+
+
 @with_eager_twin
 class _QuantizeDequantize(torch.autograd.Function):
     """The rounding with gradients for x, the scale, the zero point and the clip range."""
@@ -184,16 +197,11 @@ class _QuantizeDequantize(torch.autograd.Function):
     def forward(x, scale, zero_point, low, high, qmin, qmax):
         return _plain_values(x, QParams(scale, qmin, qmax, zero_point, None if low is None else (low, high)))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, scale, zero_point, low, high, qmin, qmax = inputs
-        ctx.save_for_backward(x, scale, zero_point, low, high)
-        ctx.bounds = (qmin, qmax)
+    setup_context = staticmethod(_setup_qparams)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero_point, low, high = ctx.saved_tensors
-        qp = QParams(scale, *ctx.bounds, zero_point, None if low is None else (low, high))
+        x, qp = _saved_qparams(ctx)
         return (*rounding_gradients(grad, x, qp, tuple(ctx.needs_input_grad[:5])), None, None)
 
 
@@ -231,20 +239,14 @@ class _Levels(torch.autograd.Function):
 
     @staticmethod
     def forward(x, scale, zero_point, low, high, qmin, qmax):
-        qp = QParams(scale, qmin, qmax, zero_point, None if low is None else (low, high))
-        return levels(x, qp).to(x.dtype)
+        return levels(x, QParams(scale, qmin, qmax, zero_point, None if low is None else (low, high))).to(x.dtype)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output) -> None:
-        x, scale, zero_point, low, high, qmin, qmax = inputs
-        ctx.save_for_backward(x, scale, zero_point, low, high)
-        ctx.bounds = (qmin, qmax)
+    setup_context = staticmethod(_setup_qparams)
 
     @staticmethod
     def backward(ctx, grad):
-        x, scale, zero_point, low, high = ctx.saved_tensors
-        qp = QParams(scale, *ctx.bounds, zero_point, None if low is None else (low, high))
-        grad_x = grad.to(scale.dtype) / scale
+        x, qp = _saved_qparams(ctx)
+        grad_x = grad.to(qp.scale.dtype) / qp.scale
         mask = straight_through_mask(x, qp)
         if mask is not None:
             grad_x = grad_x * mask
