@@ -27,7 +27,9 @@ import torchapprox as ta
 from torchapprox.calibration import calibrate
 from torchapprox.layers import find_layer_type, registered_types
 from torchapprox.shortcuts import apply_shortcuts
-from torchapprox.spec import QuantSpec, as_spec, check_rules
+from torchapprox.qat import quantized_tensor_names
+from torchapprox.quantizers.registry import quantizer_class
+from torchapprox.spec import QuantSpec, as_spec, check_rules, resolve
 from torchapprox.statistics import STAT_NAMES, StatisticsCollector
 from torchapprox.validation import check_bool, check_patterns
 
@@ -177,6 +179,14 @@ class QuantizationAwareTraining(Callback):
         if self.calibrate_batches and self.input_spec is not None and self.input_spec.granularity == "per_token":
             raise ValueError(f"`calibrate_batches={self.calibrate_batches}` freezes one range per input tensor, but "
                              "`per_token_inputs=True` gives each token its own scale: use one of the two")
+        if self.calibrate_batches and self.input_spec is not None and \
+                not quantizer_class(self.input_spec.quantizer).supports_calibration:
+            raise ValueError(f"`calibrate_batches={self.calibrate_batches}` freezes input ranges, which the "
+                             f"{self.input_spec.quantizer!r} family does not keep (its input steps are constants "
+                             "already): use calibrate_batches=0")
+        if not self.calibrate_batches and self.input_spec is not None and self.input_spec.range == "static":
+            raise ValueError("the input spec has range='static', whose ranges calibration freezes: give "
+                             "`calibrate_batches` (training batches to calibrate on, e.g. 16)")
         self.strict_schedule = check_bool(strict_schedule, "strict_schedule")
         self.companions: list[Callback] = []  # made from the legacy keywords; hooks forwarded
         if check_bool(bn_reestimate, "bn_reestimate"):
@@ -196,6 +206,7 @@ class QuantizationAwareTraining(Callback):
         self._last_logged_step: int | None = None
         self._calibrated = False
         self._steps_synchronized = False
+        self._adopted = False  # the quantizers came with the model (trained by another callback)
         self._module: weakref.ref | None = None  # the LightningModule the quantizers sit on
         self._pending_state: dict[str, Any] | None = None
 
@@ -258,6 +269,19 @@ class QuantizationAwareTraining(Callback):
                       if find_layer_type(layer) is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)]
         if previous is pl_module and ta.quantized_layers(pl_module) and set(candidates) <= set(self.quantized_layers):
             return self.quantized_layers
+        if previous is not pl_module and self._quantizes_as_configured(pl_module):
+            # Trained by another callback with these options (a new Trainer to test it, a
+            # second fit): keep its quantizers, their bits and what they learned or froze.
+            self._module = weakref.ref(pl_module)
+            self._adopted = True
+            self.quantized_layers = list(ta.quantized_layers(pl_module))
+            unpinned = [q.bitwidth for q in pl_module.modules() if isinstance(q, ta.ApproxQuantizer) and not q.pinned]
+            if unpinned:
+                self.bitwidth = max(set(unpinned), key=unpinned.count)
+            return self.quantized_layers
+        if previous is not pl_module and _holds_trained_state(pl_module):
+            rank_zero_warn("QuantizationAwareTraining: the model's quantizers differ from this callback's options; "
+                           "they are replaced, and their learned steps and calibrated or running ranges with them")
         kept = ta.quantizer_state(pl_module) if previous is pl_module else {}
         self.quantized_layers = ta.attach(pl_module, self.bitwidth, weight=self.weight_spec, input=self.input_spec,
                                           rules=self.rules, exclude=self.exclude,
@@ -278,6 +302,38 @@ class QuantizationAwareTraining(Callback):
         if self.verbose:
             rank_zero_info(f"QuantizationAwareTraining: {ta.coverage_summary(pl_module)}")
         return self.quantized_layers
+
+    def _quantizes_as_configured(self, pl_module: LightningModule) -> bool:
+        """Whether ``pl_module`` carries exactly the quantizers this callback would attach
+        (the same layers, tensors and specs; bits aside where no rule pins them)."""
+        existing = ta.quantized_layers(pl_module)
+        if not existing:
+            return False
+        expected = {}
+        for name, layer in pl_module.named_modules():
+            layer_type = find_layer_type(layer)
+            if layer_type is None or any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+                continue
+            specs = resolve(name, self.weight_spec, self.input_spec, self.rules)
+            if specs.weight is not None or specs.input is not None:
+                expected[name] = (layer_type, specs)
+        if set(expected) != set(existing):
+            return False
+        for name, (layer_type, specs) in expected.items():
+            layer = existing[name]
+            weights, inputs = quantized_tensor_names(layer)
+            wanted = ({w: (specs.weight, specs.weight_pinned) for w in layer_type.weight_layout(layer)}
+                      if specs.weight is not None else {})
+            wanted.update({i: (specs.input, specs.input_pinned) for i in layer_type.inputs} if specs.input is not None
+                          else {})
+            if set(wanted) != {*weights, *inputs}:
+                return False
+            for tensor, (spec, pinned) in wanted.items():
+                quantizer = getattr(layer, f"{tensor}_quantizer")
+                if quantizer.pinned != pinned or quantizer.spec.replace(bits=spec.bits) != spec \
+                        or (pinned and quantizer.spec.bits != spec.bits):
+                    return False
+        return True
 
     def _attached_to(self, pl_module: LightningModule) -> bool:
         return self._module is not None and self._module() is pl_module and bool(ta.quantized_layers(pl_module))
@@ -394,7 +450,9 @@ class QuantizationAwareTraining(Callback):
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ensure_attached(pl_module)
-        self._apply(self.epoch if self.epoch is not None else self._position(trainer), trainer, pl_module)
+        if self.epoch is not None or not self._adopted:
+            self._apply(self.epoch if self.epoch is not None else self._position(trainer), trainer, pl_module)
+        # else: a model trained elsewhere, evaluated as it is (no checkpoint says its epoch)
         self._synchronize(trainer, pl_module)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -586,6 +644,13 @@ def _check_same_quantization(module: LightningModule, saved: Mapping[str, Any]) 
                 raise ValueError(f"QuantizationAwareTraining: the checkpoint quantized {layer}.{tensor} with "
                                  f"{field}={was[field]!r}, this run with {field}={is_.get(field)!r}: resume with the "
                                  "quantization options it was trained with")
+
+
+def _holds_trained_state(module: LightningModule) -> bool:
+    """Quantizers with something they learned or froze: ranges kept between calls, or
+    parameters of their own."""
+    return bool(ta.quantizer_state(module)) or any(
+        True for q in module.modules() if isinstance(q, ta.ApproxQuantizer) for _ in q.parameters(recurse=False))
 
 
 def _restore_bits(module: LightningModule, saved: Mapping[str, Any]) -> None:

@@ -34,7 +34,7 @@ import torchapprox as ta
 from experiments.console import quiet_third_party
 from experiments.module import Classifier
 from callbacks.checkpoint import quantization_from_checkpoint, restore_quantized
-from torchapprox.calibration import calibrate
+from torchapprox.calibration import calibrate, input_quantizers, takes_static_range
 from torchapprox.export import export_onnx
 from torchapprox.export.onnx import strip_debug_info
 
@@ -167,7 +167,12 @@ def main(argv: list[str] | None = None) -> int:
     example = next(iter(test_loader))[0]
     frozen = [q for q in ta.quantizer_state(model) if q.endswith("static_range")]
     bits = sorted({q.bitwidth for q in model.modules() if isinstance(q, ta.ApproxQuantizer)})
-    if args.static and not frozen:
+    # Inputs whose ranges calibration can freeze (per-tensor min/max); learned steps are
+    # constant scales already.
+    calibratable = any(takes_static_range(q) for q in input_quantizers(model).values())
+    learned = any(q.role == "input" and any(True for _ in q.parameters(recurse=False))
+                  for q in input_quantizers(model).values())
+    if args.static and not frozen and calibratable:
         ranges = calibrate(model, datamodule.train_dataloader())
         print(f"calibrated {len(ranges)} input ranges on the training split")
     elif not args.static:
@@ -185,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     metrics_path = args.run_dir / "metrics.json"
     recorded = json.loads(metrics_path.read_text()).get("test/acc") if metrics_path.is_file() else None
     running = any(isinstance(q, ta.MinMaxQuant) and q.stored_range() is not None for q in model.modules())
-    scales = ("static (calibrated)" if args.static else
+    scales = ("constant (learned)" if learned and not calibratable else "static (calibrated)" if args.static else
               "constant (running-average ranges)" if running else "dynamic (from each tensor's range)")
     print(f"wrote {path}: QDQ, {state['bitwidth']} bits{f' (per layer: {bits})' if len(bits) > 1 else ''}, "
           f"{scales} input scales (from {checkpoint_path.name}, epoch {state['epoch']})")
@@ -197,7 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"file size: QDQ {quantized_kb:.1f} KiB, float {float_kb:.1f} KiB ({float_kb / quantized_kb:.2f}x smaller)")
         if args.latency:
             other = Path(scratch) / "other.onnx"
-            if args.static:
+            if not calibratable:  # one form only: the scales are what they are
+                paths = {"QDQ": path}
+            elif args.static:
                 for quantizer in model.modules():
                     if isinstance(quantizer, ta.MinMaxQuant):
                         quantizer.freeze_range(None)

@@ -127,8 +127,7 @@ def test_a_misspelled_key_is_one_line_and_exit_status_2(tmp_path):
         "config), or add a new key with +shedule=..."]
     result = app("callbacks.qat.input.granularty=per_token", f"hydra.run.dir={tmp_path}/b", cwd=tmp_path)
     assert result.returncode == 2 and "`callbacks.qat.input.granularty`" in result.stderr
-    result = app("callbacks.qat.input.granularity=per_row", "trainer.max_epochs=1", f"hydra.run.dir={tmp_path}/c",
-                 cwd=tmp_path)
+    result = app("callbacks.qat.input.granularity=per_row", f"hydra.run.dir={tmp_path}/c", cwd=tmp_path)
     assert result.returncode == 2 and "`granularity` must be one of 'per_tensor', 'per_channel', 'per_token'" in \
         result.stderr and result.stderr.strip().count("\n") == 0
 
@@ -252,7 +251,7 @@ def test_fp32_baseline_and_excluded_layers(tmp_path):
 
 
 def test_csv_logger_run(tmp_path):
-    result = run(config(*FAST, "logger=csv", "trainer.max_epochs=1"), tmp_path)
+    result = run(config(*FAST, "logger=csv", "trainer.max_epochs=1", "schedule=constant"), tmp_path)
     assert (tmp_path / "csv" / "metrics.csv").is_file() and result["status"] == "ok"
 
 
@@ -321,7 +320,8 @@ def test_multirun_sweep_writes_summary_and_keeps_rows_of_a_failed_job(tmp_path):
 
 
 def test_ddp_cpu_trainer_runs_two_processes(tmp_path):
-    result = app(*FAST, "trainer=ddp_cpu", "trainer.max_epochs=2", f"hydra.run.dir={tmp_path}/run", cwd=tmp_path)
+    result = app(*FAST, "trainer=ddp_cpu", "trainer.max_epochs=2", "schedule=linear", f"hydra.run.dir={tmp_path}/run",
+                 cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "run" / "train_ddp_process_1.log").is_file()  # the second rank ran
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["status"] == "ok"

@@ -135,7 +135,7 @@ def _limit_file_size(limit):
 def test_a_full_disk_leaves_no_truncated_checkpoint_and_no_temporary_files(tmp_path):
     run_dir = tmp_path / "run"
     # 300 kB of file: less than one checkpoint of the CNN (about 1.1 MB)
-    result = app("trainer.max_epochs=2", *QUIET, f"hydra.run.dir={run_dir}", cwd=tmp_path,
+    result = app("trainer.max_epochs=2", "schedule=linear", *QUIET, f"hydra.run.dir={run_dir}", cwd=tmp_path,
                  preexec_fn=_limit_file_size(300_000))
     assert result.returncode != 0
     leftovers = [p.name for p in run_dir.rglob("*") if p.is_file() and (p.suffix in (".tmp", ".ckpt"))]
@@ -176,7 +176,8 @@ def test_two_runs_in_the_same_dir_at_once(tmp_path):
     first = start(*FAST, "trainer.max_epochs=300", f"hydra.run.dir={run_dir}", cwd=tmp_path)
     wait_for(run_dir / "checkpoints" / "last.ckpt", first)
     config = (run_dir / ".hydra" / "config.yaml").read_text()
-    second = app(*FAST, "trainer.max_epochs=1", "seed=7", f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    second = app(*FAST, "trainer.max_epochs=1", "schedule=constant", "seed=7", f"hydra.run.dir={run_dir}",
+                 cwd=tmp_path)
     assert second.returncode == 2 and "another run (pid" in second.stderr and "is using" in second.stderr
     assert second.stderr.strip().splitlines()[-1].startswith("Error:")
     _, stderr = first.communicate(timeout=300)

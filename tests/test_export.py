@@ -333,3 +333,19 @@ def test_export_refuses_bad_run_dirs_and_float_runs_in_one_line(tmp_path):
     result = _app("experiments.export", str(run_dir))
     assert result.returncode == 2 and "holds no quantization state" in result.stderr
     assert result.stderr.strip().count("\n") == 0
+
+
+def test_a_run_with_learned_steps_exports_static_and_timed(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("runs") / "lsq"
+    result = _app("experiments.train", "trainer.max_epochs=2", "schedule=constant", "bits=4", "+quant=lsq",
+                  "~callbacks.progress_bar", "+trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    for flags in ([], ["--static", "--latency"]):
+        exported = _app("experiments.export", str(run_dir), *flags)
+        assert exported.returncode == 0, exported.stderr[-3000:]
+        assert "constant (learned) input scales" in exported.stdout
+        line = next(line for line in exported.stdout.splitlines() if line.startswith("test accuracy"))
+        onnx_accuracy = float(line.split("ONNX Runtime ")[1].split(",")[0])
+        torch_accuracy = float(line.split("PyTorch ")[1].split(",")[0])
+        assert onnx_accuracy == pytest.approx(torch_accuracy, abs=1 / 270)
+    assert "QDQ" in exported.stdout and "latency" in exported.stdout

@@ -297,3 +297,97 @@ def test_per_token_steps_are_a_learned_fraction_of_each_tokens_range(grid):
     expected.backward(upstream)
     assert torch.allclose(quantizer.step.grad, ratio.grad, rtol=1e-3, atol=1e-6)
     assert torch.equal(data.grad, upstream * (x / scale.detach()).ge(qmin).logical_and((x / scale.detach()).le(qmax)))
+
+
+# ------------------------------------------------------- found by trying to break it
+def test_half_precision_after_attach_keeps_the_quantizers_tensors_wide():
+    model = nn.Sequential(nn.Linear(16, 16, bias=False))
+    x = torch.randn(8, 16) * 1e-3
+    ta.attach(model, weight=ta.QuantSpec(bits=16), input=ta.QuantSpec(bits=16))
+    ta.calibrate(model, [x])
+    wide = model[0].input_quantizer.qparams(x).scale
+    model.half()
+    assert model[0].input_quantizer.static_range.dtype == torch.float32
+    assert torch.equal(model[0].input_quantizer.qparams(x.half()).scale, wide)  # not floored at 6e-5
+    learned = nn.Sequential(nn.Linear(4, 4))
+    ta.attach(learned, weight=lsq_spec(8), input=lsq_spec(8))
+    step = learned[0].weight_quantizer.step
+    learned.to(torch.bfloat16)
+    assert learned[0].weight_quantizer.step is step and step.dtype == torch.float32  # the optimizer's Parameter
+
+
+def test_a_new_callback_with_the_same_options_keeps_what_the_model_learned(tmp_path):
+    model = LSQClassifier()
+    make_trainer(tmp_path / "fit", [_lsq_callback()], max_epochs=2).fit(model)
+    steps = {k: v.clone() for k, v in model.state_dict().items() if k.endswith("step")}
+    x = torch.randn(16, 8)
+    with torch.no_grad():
+        before = model.eval()(x)
+    make_trainer(tmp_path / "test", [_lsq_callback()]).test(model, verbose=False)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in steps.items())
+    with torch.no_grad():
+        assert torch.equal(model.eval()(x), before)
+    with pytest.warns(UserWarning, match="they are replaced, and their learned steps"):
+        make_trainer(tmp_path / "other", [QuantizationAwareTraining(4, verbose=False)]).test(model, verbose=False)
+
+
+def test_a_failed_restore_keeps_the_learned_steps():
+    model = nn.Sequential(nn.Linear(6, 4))
+    ta.attach(model, weight=lsq_spec(4), input=lsq_spec(4))
+    model(torch.randn(3, 6))
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    saved = ta.quantization_state(model)
+    saved["tensors"] = {"0.input_quantizer.running_range": torch.tensor([-1.0, 1.0])}
+    with pytest.raises(ValueError, match="cannot be loaded into '0.input_quantizer'"):
+        ta.restore_quantization(model, saved)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in state.items())
+
+
+def test_options_a_learned_step_cannot_take_are_refused_by_the_callback():
+    with pytest.raises(ValueError, match="'lsq' family does not keep .its input steps are constants"):
+        QuantizationAwareTraining(4, input=lsq_spec(4), calibrate_batches=2)
+    with pytest.raises(ValueError, match="range='static'.*give `calibrate_batches`"):
+        QuantizationAwareTraining(4, input=ta.QuantSpec(range="static"))
+    model = nn.Sequential(nn.Linear(4, 4))
+    ta.attach(model, input=lsq_spec(4))
+    with pytest.raises(ValueError, match=r"none of the model's 1 input quantizers takes a static range \(lsq per_tensor"):
+        ta.calibrate(model, [torch.randn(2, 4)])
+
+
+def test_an_uninitialised_step_cannot_be_exported_or_traced_and_says_why(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 4))
+    ta.attach(model, weight=lsq_spec(8), input=lsq_spec(8))
+    x = torch.randn(3, 4)
+    model(x)
+    ta.set_bitwidth(model, 4)  # the default anneal starts the step again from the next tensor
+    model.eval()
+    with pytest.raises(Exception, match="has not seen a tensor yet"):
+        ta.export_onnx(model, x, tmp_path / "m.onnx")
+    with pytest.raises(RuntimeError, match="has not seen a tensor yet"):
+        torch.jit.trace(model, x)
+    model(x)  # eager: the step starts from this tensor
+    ta.export_onnx(model, x, tmp_path / "m.onnx")
+
+
+@pytest.mark.parametrize("granularity", ["per_tensor", "per_token"])
+def test_the_auto_grid_works_under_torch_func_and_export(granularity):
+    from torch.func import functional_call, grad, vmap
+
+    layer = nn.Linear(8, 3)
+    ta.attach(nn.Sequential(layer), weight=lsq_spec(4), input=lsq_spec(4, grid="auto", granularity=granularity))
+    x = torch.randn(5, 2, 8)
+    layer(x)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def loss(p, sample):
+        return functional_call(layer, p, (sample.unsqueeze(0),)).square().sum()
+
+    per_sample = vmap(grad(loss), in_dims=(None, 0))(params, x)  # no value read back under vmap
+    for index in range(5):  # each sample's gradient, taken alone in eager mode
+        weight = params["weight"].clone().requires_grad_()
+        functional_call(layer, {**params, "weight": weight}, (x[index:index + 1],)).square().sum().backward()
+        assert torch.allclose(per_sample["weight"][index], weight.grad, atol=1e-5)
+    with torch.no_grad():
+        eager = layer(x)
+    exported = torch.export.export(nn.Sequential(layer).eval(), (x,))
+    assert torch.allclose(exported.module()(x), eager, atol=1e-6)

@@ -208,7 +208,7 @@ def test_the_second_family_exports_and_runs_in_onnx_runtime(tmp_path):
     with torch.no_grad():
         expected = model(x).numpy()
     assert abs(actual - expected).max() <= 1e-5 * abs(expected).max()
-    with pytest.raises(ValueError, match="no input quantizers to calibrate"):
+    with pytest.raises(ValueError, match="none of the model's 2 input quantizers takes a static range"):
         ta.calibrate(model, [x])  # a constant range is not calibrated
 
 
@@ -281,3 +281,51 @@ def test_statistics_report_only_layers_that_ran():
     assert set(reduced) == {f"quant/b/{kind}/{stat}" for kind in ("weight", "input")
                             for stat in ("scale_factor", "mse", "sqnr_db")}
     assert all(q._collector is None for q in model.modules() if isinstance(q, ta.ApproxQuantizer))
+
+
+# ------------------------------------------------------- found by trying to break it
+def test_doctored_or_mistyped_state_is_a_clear_error():
+    model = mlp()
+    ta.attach(model, 4, eval_range="running")
+    model(torch.randn(3, 6))
+    with pytest.raises(TypeError, match=r"'0.input_quantizer.running_range' must be a tensor, got list"):
+        ta.load_quantizer_state(model, {"0.input_quantizer.running_range": [-1.0, 1.0]})
+    saved = ta.quantization_state(model)
+    saved["layers"]["0"]["bias"] = dict(saved["layers"]["0"]["weight"])
+    with pytest.raises(ValueError, match=r"names 'weight' tensor 'bias' of layer '0', which a Linear does not quantize"):
+        ta.restore_quantization(mlp(), saved)
+    saved = ta.quantization_state(model)
+    saved["layers"]["0"]["weight"]["channel_axis"] = 7
+    with pytest.raises(ValueError, match=r"channel axis 7, which a weight of shape \(16, 6\) does not have"):
+        ta.restore_quantization(mlp(), saved)
+
+
+def test_a_family_returning_bad_parameters_is_told_what_the_contract_wants():
+    @ta.register_quantizer("float_scale")
+    class FloatScale(ta.ApproxQuantizer):
+        def compute_qparams(self, x):
+            return ta.QParams(0.1, -7, 7)
+
+    model = nn.Sequential(nn.Linear(4, 2))
+    ta.attach(model, input=ta.QuantSpec(bits=4, quantizer="float_scale"))
+    with pytest.raises(TypeError, match=r"FloatScale.compute_qparams \(family 'float_scale'\) must return a QParams "
+                                        r"with a tensor scale"):
+        model(torch.randn(2, 4))
+
+
+def test_contradicting_shortcuts_name_the_keywords_given():
+    with pytest.raises(ValueError, match=r"from the keywords `per_token_inputs`, `eval_range`"):
+        ta.attach(mlp(), per_token_inputs=True, eval_range="running")
+
+
+def test_a_bias_finer_than_its_float_resolution_is_left_as_it_is():
+    from torchapprox.layers import quantized_bias
+
+    bias = torch.tensor([1000.0, 0.5])
+    weight_qp = ta.QParams(torch.tensor([1e-7, 1e-2]).reshape(2, 1), -127, 127, channels=torch.tensor([1e-7, 1e-2]))
+    input_qp = ta.QParams(torch.tensor(1e-3), -127, 127, constant=True)
+    out = quantized_bias(bias, weight_qp, input_qp)
+    steps = torch.tensor([1e-10, 1e-5])
+    assert ((out - bias).abs() <= steps / 2).all()  # 1000 has a float32 resolution of 6e-5 >> 1e-10
+    assert out[0] == bias[0]  # left as it is
+    assert torch.allclose(out[1], torch.round(bias[1] / steps[1]) * steps[1])  # on its grid

@@ -21,6 +21,12 @@ def _default_forward(model: nn.Module, batch: Any) -> Any:
     raise TypeError(f"cannot call the model on a batch of type {type(batch).__name__}: pass `forward`")
 
 
+def takes_static_range(quantizer: ApproxQuantizer) -> bool:
+    """Whether calibration can freeze this quantizer's range: a family with static ranges,
+    one range per tensor."""
+    return quantizer.supports_calibration and quantizer.spec.granularity == "per_tensor"
+
+
 def input_quantizers(model: nn.Module) -> dict[str, ApproxQuantizer]:
     """The input quantizers ``attach`` put on ``model``, by qualified name."""
     return {name: module for name, module in model.named_modules()
@@ -47,8 +53,8 @@ def calibrate(
     Calibration goes through the quantizer contract (``begin_calibration``: every tensor
     passed to ``qparams`` is observed; ``end_calibration``: the range is frozen). The model
     runs in eval mode under ``torch.no_grad()`` (its mode is restored after), with dynamic
-    ranges while observing (a previous calibration is not applied). Input quantizers of a
-    family without static ranges (learned steps: already constant) are left as they are.
+    ranges while observing (a previous calibration is not applied). Input quantizers without
+    static ranges (learned steps: already constant; per-token scales) are left as they are.
 
     Args:
         model: an attached model (``torchapprox.attach``).
@@ -61,13 +67,18 @@ def calibrate(
         ``{quantizer name: tensor([low, high])}``, float32.
 
     Raises:
-        ValueError: a model without input quantizers that take a static range, or batches
-            that never reached one.
+        ValueError: a model without input quantizers, none that takes a static range, or
+            batches that never reached one.
     """
-    quantizers = {name: q for name, q in input_quantizers(model).items() if q.supports_calibration}
+    attached = input_quantizers(model)
+    quantizers = {name: q for name, q in attached.items() if takes_static_range(q)}
+    if not attached:
+        raise ValueError("`model` has no input quantizers to calibrate: attach(model, activations=True) first")
     if not quantizers:
-        raise ValueError("`model` has no input quantizers to calibrate: attach(model, activations=True) first "
-                         "(with a quantizer family that takes static ranges, such as 'minmax')")
+        kinds = sorted({f"{q.spec.quantizer} {q.spec.granularity}" for q in attached.values()})
+        raise ValueError(f"none of the model's {len(attached)} input quantizers takes a static range ({', '.join(kinds)}"
+                         "): a learned step is a constant already, and per-token scales follow each token; "
+                         "calibration freezes per-tensor 'minmax' ranges")
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int)
                                     or max_batches < 1):
         raise ValueError(f"`max_batches` must be None or an int >= 1, got {max_batches!r}")

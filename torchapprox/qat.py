@@ -175,8 +175,13 @@ def _check_role(spec: QuantSpec, role: str, layer_name: str) -> None:
 def _apply(model: nn.Module, plans: dict[str, _LayerPlan]) -> None:
     """Build every quantizer first (anything that fails leaves the model untouched), then
     replace the model's quantizers with them."""
+    _install_built(model, plans, _build(plans))
+
+
+def _build(plans: dict[str, _LayerPlan]) -> dict[str, tuple[dict[str, ApproxQuantizer], dict[str, ApproxQuantizer]]]:
+    """The quantizers of every planned layer, ``{layer: (weights, inputs)}``; nothing installed."""
     shared = _SharedWeightQuantizers()
-    built: dict[str, tuple[dict[str, ApproxQuantizer], dict[str, ApproxQuantizer]]] = {}
+    built = {}
     for name, plan in plans.items():
         weight_quantizers = {w: shared.quantizer(name, plan.layer, w, *entry) for w, entry in plan.weights.items()}
         input_quantizers = {}
@@ -185,6 +190,10 @@ def _apply(model: nn.Module, plans: dict[str, _LayerPlan]) -> None:
             quantizer.pinned = pinned
             input_quantizers[input_name] = quantizer
         built[name] = (weight_quantizers, input_quantizers)
+    return built
+
+
+def _install_built(model: nn.Module, plans: dict[str, _LayerPlan], built: dict) -> None:
     detach(model)
     for name, plan in plans.items():
         weight_quantizers, input_quantizers = built[name]
@@ -317,6 +326,7 @@ def load_quantizer_state(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
         KeyError: a name that is not a quantizer of ``model`` (attached with other options?).
         ValueError: state the quantizer cannot use (a running range on a quantizer without
             ``range='running'``, a static range on a per-channel one), naming the quantizer.
+        TypeError: an entry that is not a tensor.
     """
     quantizers = {name: module for name, module in model.named_modules() if isinstance(module, ApproxQuantizer)}
     grouped: dict[str, dict[str, torch.Tensor]] = {}
@@ -326,10 +336,7 @@ def load_quantizer_state(model: nn.Module, state: Mapping[str, torch.Tensor]) ->
         if quantizer is None:
             raise KeyError(f"quantizer state {key!r} has no quantizer in the model (quantizers: "
                            f"{', '.join(list(quantizers)[:10])}{' ...' if len(quantizers) > 10 else ''})")
-        try:
-            quantizer.check_state_tensor(tensor_name, tensor)
-        except ValueError as error:
-            raise ValueError(f"quantizer state {key!r} cannot be loaded into {owner!r}: {error}") from None
+        _check_state_entry(quantizer, owner, tensor_name, key, tensor)
         grouped.setdefault(owner, {})[tensor_name] = tensor
     for owner, tensors in grouped.items():
         quantizers[owner].load_state_tensors(tensors, owner)
@@ -378,50 +385,77 @@ def quantization_state(model: nn.Module) -> dict[str, Any]:
 
 def restore_quantization(model: nn.Module, state: Mapping[str, Any]) -> list[str]:
     """Quantize ``model`` as :func:`quantization_state` recorded it (specs, bits, ranges),
-    replacing any quantizers it has. All or nothing. Returns the quantized layers' names.
+    replacing any quantizers it has. All or nothing: everything is checked before the model
+    changes. Returns the quantized layers' names.
 
     For a model with learned steps, call this before ``model.load_state_dict(...)``: the
     steps are Parameters of the quantizers it creates.
 
     Raises:
-        ValueError: ``state`` is not such a record, or names a layer ``model`` lacks or
-            cannot quantize.
+        ValueError: ``state`` is not such a record, names a layer ``model`` lacks or cannot
+            quantize, a tensor the layer type does not quantize in that role, a channel axis
+            the weight does not have, or holds state its quantizers cannot use.
+        TypeError: a state tensor that is not a tensor.
     """
     _check_model(model)
     if not isinstance(state, Mapping) or state.get("format") != STATE_FORMAT or "layers" not in state:
         raise ValueError("`state` must be what torchapprox.quantization_state returned (a dict with format "
                          f"{STATE_FORMAT} and 'layers'), got {type(state).__name__}"
                          f"{' with keys ' + ', '.join(map(str, state)) if isinstance(state, Mapping) else ''}")
-    plans = {}
-    for name, tensors in state["layers"].items():
-        try:
-            layer = model.get_submodule(name)
-        except AttributeError:
-            raise ValueError(f"the saved quantization names layer {name!r}, which the model does not have") from None
-        layer_type = find_layer_type(layer)
-        if layer_type is None:
-            raise ValueError(f"the saved quantization names layer {name!r}, a {type(layer).__name__}, which has no "
-                             "registered quantized layer type")
-        weights, inputs = {}, {}
-        for tensor, entry in tensors.items():
-            spec = QuantSpec.from_dict(entry["spec"])
-            if entry["role"] == "weight":
-                weights[tensor] = (spec, bool(entry["pinned"]), entry.get("channel_axis"),
-                                   int(entry.get("channel_groups", 1)))
-            else:
-                inputs[tensor] = (spec, bool(entry["pinned"]))
-        plans[name] = _LayerPlan(layer, layer_type, weights, inputs)
-    previous = quantization_state(model) if quantized_layers(model) else None
-    _apply(model, plans)
-    try:
-        load_quantizer_state(model, state.get("tensors") or {})
-    except (KeyError, ValueError):
-        if previous is not None:  # all or nothing: the model as it was
-            restore_quantization(model, previous)
-        else:
-            detach(model)
-        raise
+    plans = {name: _restored_plan(model, name, tensors) for name, tensors in state["layers"].items()}
+    built = _build(plans)
+    tensors = dict(state.get("tensors") or {})
+    quantizers = {f"{name}.{tensor}_quantizer": quantizer for name, (weights, inputs) in built.items()
+                  for tensor, quantizer in {**weights, **inputs}.items()}
+    for key, tensor in tensors.items():
+        owner, _, tensor_name = key.rpartition(".")
+        if owner not in quantizers:
+            raise ValueError(f"the saved quantizer state {key!r} belongs to no saved quantizer")
+        _check_state_entry(quantizers[owner], owner, tensor_name, key, tensor)
+    _install_built(model, plans, built)
+    for key, tensor in tensors.items():
+        owner, _, tensor_name = key.rpartition(".")
+        quantizers[owner].load_state_tensors({tensor_name: tensor}, owner)
     return list(plans)
+
+
+def _restored_plan(model: nn.Module, name: str, tensors: Mapping[str, Any]) -> _LayerPlan:
+    try:
+        layer = model.get_submodule(name)
+    except AttributeError:
+        raise ValueError(f"the saved quantization names layer {name!r}, which the model does not have") from None
+    layer_type = find_layer_type(layer)
+    if layer_type is None:
+        raise ValueError(f"the saved quantization names layer {name!r}, a {type(layer).__name__}, which has no "
+                         "registered quantized layer type")
+    layout = layer_type.weight_layout(layer)
+    weights, inputs = {}, {}
+    for tensor, entry in tensors.items():
+        spec = QuantSpec.from_dict(entry["spec"])
+        role = entry.get("role")
+        if role == "weight" and tensor in layout:
+            axis = entry.get("channel_axis")
+            weight = getattr(layer, tensor)
+            if axis is not None and not -weight.dim() <= int(axis) < weight.dim():
+                raise ValueError(f"the saved quantization of {name}.{tensor} has channel axis {axis}, which a weight "
+                                 f"of shape {tuple(weight.shape)} does not have")
+            weights[tensor] = (spec, bool(entry["pinned"]), axis, int(entry.get("channel_groups", 1)))
+        elif role == "input" and tensor in layer_type.inputs:
+            inputs[tensor] = (spec, bool(entry["pinned"]))
+        else:
+            raise ValueError(f"the saved quantization names {role!r} tensor {tensor!r} of layer {name!r}, which a "
+                             f"{type(layer).__name__} does not quantize (weights: {', '.join(layout)}; inputs: "
+                             f"{', '.join(layer_type.inputs) or 'none'})")
+    return _LayerPlan(layer, layer_type, weights, inputs)
+
+
+def _check_state_entry(quantizer: ApproxQuantizer, owner: str, tensor_name: str, key: str, tensor: object) -> None:
+    if not isinstance(tensor, torch.Tensor):
+        raise TypeError(f"quantizer state {key!r} must be a tensor, got {type(tensor).__name__}")
+    try:
+        quantizer.check_state_tensor(tensor_name, tensor)
+    except ValueError as error:
+        raise ValueError(f"quantizer state {key!r} cannot be loaded into {owner!r}: {error}") from None
 
 
 def detach(model: nn.Module, bake: bool = False) -> list[str]:

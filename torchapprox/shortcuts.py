@@ -52,9 +52,9 @@ def apply_shortcuts(weight: QuantSpec | None, input: QuantSpec | None, rules: di
         input_changes["range"] = "running" if eval_range == "running" else "dynamic"
     overrides = check_overrides(bitwidth_overrides)
     if weight is not None and weight_changes:
-        weight = _replaced(weight, weight_changes)
+        weight = _replaced(weight, weight_changes, "weight")
     if input is not None and input_changes:
-        input = _replaced(input, input_changes)
+        input = _replaced(input, input_changes, "input")
     rules = dict(rules)
     # The first matching override wins; among rules the last one does: add them reversed.
     for pattern, bits in reversed(list(overrides.items())):
@@ -62,15 +62,16 @@ def apply_shortcuts(weight: QuantSpec | None, input: QuantSpec | None, rules: di
     return weight, input, rules
 
 
-_KEYWORDS = {"grid": "activation_grid", "recompute": "recompute_inputs", "range": "eval_range",
-             "granularity": "per_token_inputs/per_channel_weights"}
+_KEYWORDS = {"grid": "activation_grid", "recompute": "recompute_inputs", "range": "eval_range", "bits": "bitwidth"}
+_GRANULARITY = {"weight": "per_channel_weights", "input": "per_token_inputs"}
 
 
-def _replaced(spec: QuantSpec, changes: dict[str, Any]) -> QuantSpec:
+def _replaced(spec: QuantSpec, changes: dict[str, Any], role: str) -> QuantSpec:
     try:
         return spec.replace(**changes)
     except ValueError as error:
         # A contradiction between shortcuts (per_token_inputs with eval_range='running'):
         # name the keywords the user gave.
-        given = ", ".join(f"`{_KEYWORDS.get(k, k)}`" for k in changes)
+        names = {**_KEYWORDS, "granularity": _GRANULARITY[role]}
+        given = ", ".join(f"`{names.get(k, k)}`" for k in changes)
         raise ValueError(f"{error} (from the keywords {given})") from None

@@ -81,8 +81,9 @@ def quantized_bias(bias: Tensor | None, weight_qparams: QParams | None, input_qp
     running range, a learned step; ``QParams.constant``) the bias is put on that grid here
     too, straight through (no gradient reaches the steps through it), and the exported
     model computes the trained numbers. A channel whose bias does not fit in int32 at that
-    step (a tiny step: 16 bits, small weights) keeps its float bias: the bias never moves
-    by more than half its grid step. With scales taken from each tensor the runtime cannot
+    step (a tiny step: 16 bits, small weights), or whose grid value its dtype cannot hold
+    within half a step (a step below the bias's float resolution), keeps its float bias:
+    the bias never moves by more than half its grid step. With scales taken from each tensor the runtime cannot
     precompute the bias's scale and keeps it in float, and so does this function.
 
     Args:
@@ -98,9 +99,14 @@ def quantized_bias(bias: Tensor | None, weight_qparams: QParams | None, input_qp
     weight_step = weight_qparams.channel_scale().detach()
     step = (input_qparams.scale.detach().to(weight_step.dtype) * weight_step).to(dtype)
     with torch.no_grad():
-        level = torch.round(bias.detach().to(dtype) / step)
+        compute = bias.detach().to(dtype)
+        level = torch.round(compute / step)
         fits = torch.logical_and(level.abs() <= BIAS_LIMIT, torch.isfinite(level))
-        on_grid = torch.where(fits, level * step, bias.detach().to(dtype)).to(bias.dtype)
+        on_grid = torch.where(fits, level * step, compute).to(bias.dtype)
+        # A step finer than the bias's own float resolution: the grid value cannot be held in
+        # the bias's dtype within half a step, so the bias stays as it is.
+        held = (on_grid.to(dtype) - compute).abs() <= step / 2
+        on_grid = torch.where(held, on_grid, bias.detach())
     if differentiable(bias) and not torch.jit.is_tracing():
         return bias + (on_grid - bias).detach()  # straight through to the bias
     return on_grid

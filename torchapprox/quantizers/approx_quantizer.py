@@ -144,6 +144,27 @@ class ApproxQuantizer(nn.Module, ABC):
     def _refresh_plan(self) -> None:
         """Called whenever the spec changes: a family caches what its hot path reads."""
 
+    _NARROW = (torch.float16, torch.bfloat16)
+
+    def _apply(self, fn, recurse: bool = True):
+        # model.half() / .to(torch.bfloat16) would narrow the quantizer's own tensors (ranges,
+        # learned steps) too, and a step computed from a float16 range is floored at 6e-5:
+        # a 16-bit grid would lose most of its levels. They keep their width (and follow the
+        # module to its device); the arithmetic runs in float32 for half types anyway.
+        # nn.Module._apply is the one place every dtype and device cast goes through; torch
+        # offers no public hook for casts.
+        originals = {name: t.data for name, t in [*self._parameters.items(), *self._buffers.items()]
+                     if t is not None and t.is_floating_point() and t.dtype not in self._NARROW}
+        module = super()._apply(fn, recurse)
+        for name, original in originals.items():
+            tensor = self._parameters.get(name) if name in self._parameters else self._buffers.get(name)
+            if tensor is not None and tensor.dtype in self._NARROW:  # the values as they were, on the new device
+                if name in self._parameters:
+                    tensor.data = original.to(tensor.device)
+                else:
+                    self._buffers[name] = original.to(tensor.device)
+        return module
+
     # ------------------------------------------------------------------------ the spec
     @property
     def bitwidth(self) -> int:
@@ -192,7 +213,14 @@ class ApproxQuantizer(nn.Module, ABC):
         check_float_tensor(x)
         if self._observer is not None:
             self._observer.observe(x)
-        return self.compute_qparams(x)
+        from .qparams import QParams
+
+        qp = self.compute_qparams(x)
+        if not (isinstance(qp, QParams) and isinstance(qp.scale, torch.Tensor) and isinstance(qp.qmin, int) and isinstance(qp.qmax, int)
+                and qp.qmin < qp.qmax):
+            raise TypeError(f"{type(self).__name__}.compute_qparams (family {self.family!r}) must return a QParams "
+                            f"with a tensor scale and int qmin < qmax, got {qp!r}"[:300])
+        return qp
 
     @abstractmethod
     def compute_qparams(self, x: torch.Tensor):

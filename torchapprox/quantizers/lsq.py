@@ -47,11 +47,18 @@ from torch import nn
 
 from . import reference
 from .approx_quantizer import ApproxQuantizer, check_float_tensor
-from .ops import apply, differentiable, with_eager_twin
+from .ops import _functorch_transforms_active, apply, differentiable, with_eager_twin
 from .qparams import QParams, quantize_dequantize
 from .registry import register_quantizer
 
 INITS = ("lsq", "minmax", "mse")
+
+
+def _host_reads_allowed() -> bool:
+    """Whether a value may be read back to the host: not while torch.export, torch.jit.trace,
+    torch.compile or a torch.func transform records the computation."""
+    return not (torch.compiler.is_exporting() or torch.compiler.is_compiling() or torch.jit.is_tracing()
+                or _functorch_transforms_active())
 MSE_CANDIDATES = 64  # steps tried by the "mse" initialisation, from max|x| / Qp down to 1/64 of it
 ANNEALS = ("reinit", "rescale")
 OPTIONS = ("init", "anneal")
@@ -119,9 +126,10 @@ class LSQQuant(ApproxQuantizer):
         return cls(spec, role=role, channel_axis=channel_axis, channel_groups=channel_groups, tensor=tensor)
 
     def _load_from_state_dict(self, *args, **kwargs) -> None:
-        # nn.Module's hook for loading (BatchNorm overrides it too): the flag may change.
-        self._known_initialized = False
+        # nn.Module's hook for loading (BatchNorm overrides it too): the flag may change, and
+        # is read here, in eager mode, so that an exported or traced forward need not read it.
         super()._load_from_state_dict(*args, **kwargs)
+        self._known_initialized = bool(self.initialized)
 
     @classmethod
     def check_spec(cls, spec) -> None:
@@ -249,6 +257,10 @@ class LSQQuant(ApproxQuantizer):
 
     def compute_qparams(self, x: torch.Tensor) -> QParams:
         if not self._known_initialized:
+            if not _host_reads_allowed():
+                raise RuntimeError("an 'lsq' quantizer has not seen a tensor yet (its step starts from the first one, "
+                                   "and again after a bitwidth change): run a forward pass in eager mode before "
+                                   "exporting, tracing or transforming the model")
             if bool(self.initialized):
                 self._known_initialized = True
             else:
@@ -267,6 +279,8 @@ class LSQQuant(ApproxQuantizer):
             # A learned fraction of each token's own range (a learned clipping ratio, as PACT
             # and LSQ+ learn a clip): step_t = ratio * max|x_t| / Qp, its gradient reaching
             # the ratio through every token's step.
+            if spec.grid == "auto" and not _host_reads_allowed():
+                return self._auto_on_device(x, step, per_token=True)
             grid = self._token_grid(x)
             qmin, qmax = reference.grid_bounds(spec.bits, grid)
             scale = step.to(reference.compute_dtype(x.dtype)) * self._token_ranges(x, grid)
@@ -274,18 +288,31 @@ class LSQQuant(ApproxQuantizer):
         scale = self._broadcast(step, x).to(reference.compute_dtype(x.dtype))
         channels = step if self.spec.granularity == "per_channel" else None
         if spec.grid == "auto":
-            if torch.compiler.is_exporting():
-                # In the graph: the bounds picked from the tensor's sign, on the device.
-                unsigned = x.detach().min() >= 0
-                low = torch.where(unsigned, torch.zeros_like(scale), -top_signed * scale)
-                high = torch.where(unsigned, top_unsigned * scale, top_signed * scale)
-                return QParams(scale, -top_signed, top_unsigned, clip=(low, high), constant=True, channels=channels)
+            if not _host_reads_allowed():
+                return self._auto_on_device(x, scale, channels=channels)
             # Unsigned levels for a non-negative tensor: one value read back per call.
             unsigned = x.numel() == 0 or bool(x.detach().min() >= 0)
             qmin, qmax = (0, top_unsigned) if unsigned else (-top_signed, top_signed)
         else:
             qmin, qmax = (0, top_unsigned) if spec.grid == "unsigned" else (-top_signed, top_signed)
         return QParams(scale, qmin, qmax, None, None, True, True, channels)
+
+    def _auto_on_device(self, x: torch.Tensor, step_or_scale: torch.Tensor, *, per_token: bool = False,
+                        channels: torch.Tensor | None = None) -> QParams:
+        """The auto grid decided in the graph (export, tracing, compile, torch.func: no value
+        read back): the grid's bounds as a clip range, the same values and gradients."""
+        top_signed, top_unsigned = reference.int_max(self.spec.bits), reference.unsigned_max(self.spec.bits)
+        unsigned = x.detach().min() >= 0 if x.numel() else torch.ones((), dtype=torch.bool, device=x.device)
+        if per_token:
+            axes = list(range(x.dim() - 1))
+            ranges = torch.where(unsigned, torch.ops.torchapprox.minmax_scale(x.detach(), self.spec.bits, "unsigned", axes),
+                                 torch.ops.torchapprox.minmax_scale(x.detach(), self.spec.bits, "signed", axes))
+            scale = step_or_scale.to(ranges.dtype) * ranges
+        else:
+            scale = step_or_scale
+        low = torch.where(unsigned, torch.zeros_like(scale), -top_signed * scale)
+        high = torch.where(unsigned, top_unsigned * scale, top_signed * scale)
+        return QParams(scale, -top_signed, top_unsigned, clip=(low, high), constant=not per_token, channels=channels)
 
     def fake_quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, QParams]:
         """``round(clamp(x / s, qmin, qmax)) * s`` with the paper's gradients: one C++ pass
