@@ -1,5 +1,6 @@
 """Lightning glue: the QAT callback, its companions and the bitwidth schedules."""
 
+from .approximate import ApproximateProducts
 from .bn_reestimation import BatchNormReestimation
 from .checkpoint import restore_quantized
 from .lr_rewarm import LearningRateRewarm
@@ -7,6 +8,7 @@ from .qat import QuantizationAwareTraining
 from .schedules import ConstantBitwidth, CosineBitwidth, LinearBitwidth, StepBitwidth
 
 __all__ = [
+    "ApproximateProducts",
     "BatchNormReestimation",
     "ConstantBitwidth",
     "CosineBitwidth",

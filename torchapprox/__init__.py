@@ -1,5 +1,6 @@
 """torchapprox: quantization-aware training for PyTorch (this package needs torch only)."""
 
+from .approximation import multipliers, set_multiplier
 from .calibration import calibrate
 from .coverage import coverage, coverage_summary
 from .export import export_onnx
@@ -26,6 +27,7 @@ __all__ = [
     "export_onnx",
     "float_state_dict",
     "load_quantizer_state",
+    "multipliers",
     "quantization_state",
     "quantized_layers",
     "quantizer_state",
@@ -33,6 +35,7 @@ __all__ = [
     "register_quantizer",
     "restore_quantization",
     "set_bitwidth",
+    "set_multiplier",
     "statistics",
     "synchronize_quantizers",
 ]

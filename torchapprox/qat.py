@@ -11,9 +11,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from .approximation import (check_operands, install_multipliers, multiplier_state, multipliers_from_state,
+                            remove_multiplier)
 from .layers import find_layer_type
+from .layers.approximate import MultiplierSetting
 from .layers.functional import quantizer_of
 from .layers.registry import LayerType
+from .multipliers import Multiplier
 from .quantizers import ApproxQuantizer
 from .quantizers.approx_quantizer import check_bitwidth
 from .quantizers.registry import build_quantizer
@@ -48,6 +52,8 @@ def attach(
     range_gradient: bool | str | None = None,
     eval_range: str | None = None,
     per_token_inputs: bool | None = None,
+    multiplier: Multiplier | None = None,
+    multiplier_gradient: str = "ste",
 ) -> list[str]:
     """Put quantizers on the weights and inputs of ``model``'s layers, as specs describe.
 
@@ -69,6 +75,13 @@ def attach(
             (``"classifier"``, ``"*.out_proj"``).
         weights: quantize the weights of each layer (False: ``weight=None``).
         activations: quantize the float inputs of each layer (False: ``input=None``).
+        multiplier: a :class:`torchapprox.multipliers.Multiplier` whose table gives every
+            integer product of the layers that can take one (Linear, Conv1d/2d/3d,
+            transformers' Conv1D; the others keep exact products, named in a warning);
+            rules set it per layer (``{"multiplier": m}``, None for exact products).
+            Default None: exact products. See :func:`torchapprox.set_multiplier`.
+        multiplier_gradient: the products' gradient, ``"ste"`` (the exact product's) or
+            ``"table"`` (the table's local slopes); rules may set ``"multiplier_gradient"``.
 
     Shortcuts (kept for one release; each given one replaces a field of the specs):
         bitwidth_overrides: ``{pattern: bits}``, rules that pin bits (the first matching
@@ -124,7 +137,7 @@ def attach(
     for argument, given in (("exclude", patterns), ("rules", checked_rules), ("bitwidth_overrides",
                                                                              bitwidth_overrides or {})):
         _warn_unmatched(given, list(candidates), argument)
-    plans = {}
+    plans, layer_settings = {}, {}
     for name, (layer, layer_type) in candidates.items():
         if any(fnmatch.fnmatchcase(name, pattern) for pattern in patterns):
             continue
@@ -132,9 +145,44 @@ def attach(
         if specs.weight is None and specs.input is None:
             continue
         plans[name] = _plan_layer(name, layer, layer_type, specs)
+        layer_settings[name] = specs.layer
+    products = _plan_products(plans, layer_settings, multiplier, multiplier_gradient)
     _apply(model, plans)
+    install_multipliers(model, products)
     _warn_float_layers(model, excluded=[n for n in candidates if n not in plans])
     return list(plans)
+
+
+def _plan_products(plans: dict[str, _LayerPlan], layer_settings: dict[str, dict[str, Any]],
+                   multiplier: Multiplier | None, gradient: str) -> dict[str, MultiplierSetting]:
+    """The multiplier of each planned layer (attach's, or a rule's), checked against the
+    specs it will have; warns about layers that cannot take one, raises if none of those
+    asked to can."""
+    settings: dict[str, MultiplierSetting] = {}
+    unable: dict[str, list[str]] = {}
+    for name, plan in plans.items():
+        chosen = layer_settings[name].get("multiplier", multiplier)
+        if chosen is None:
+            continue
+        setting = MultiplierSetting(chosen, layer_settings[name].get("multiplier_gradient", gradient), name)
+        if not plan.layer_type.multiplier:
+            unable.setdefault(f"{plan.layer_type.name} cannot take a multiplier (only Linear, Conv1d/2d/3d and "
+                              "transformers' Conv1D can)", []).append(name)
+            continue
+        if not plan.weights or not plan.inputs:
+            unable.setdefault("the weight or the input is not quantized (a multiplier multiplies integer levels "
+                              "of both)", []).append(name)
+            continue
+        check_operands(setting, [("weight", spec.bits, spec.grid) for spec, *_ in plan.weights.values()]
+                       + [("input", spec.bits, spec.grid) for spec, _ in plan.inputs.values()])
+        settings[name] = setting
+    if unable:
+        described = "; ".join(f"{reason} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+                              for reason, names in unable.items())
+        if not settings:
+            raise ValueError(f"attach: no layer can take the multiplier: {described}")
+        warnings.warn(f"attach: these layers keep exact products: {described}", UserWarning, stacklevel=3)
+    return settings
 
 
 @dataclasses.dataclass
@@ -371,7 +419,8 @@ STATE_FORMAT = 1
 def quantization_state(model: nn.Module) -> dict[str, Any]:
     """Everything needed to quantize a copy of ``model`` exactly as it is: each quantized
     layer's quantizers (spec with its current bits, pinning, channel layout) and their state
-    tensors, as plain Python and tensors (loads with ``torch.load(weights_only=True)``).
+    tensors, and the layers' multipliers (``torchapprox.approximation.multiplier_state``), as
+    plain Python and tensors (loads with ``torch.load(weights_only=True)``).
     :func:`restore_quantization` puts it back; learned Parameters travel in ``state_dict``."""
     layers: dict[str, dict[str, Any]] = {}
     for name, layer in quantized_layers(model).items():
@@ -380,7 +429,7 @@ def quantization_state(model: nn.Module) -> dict[str, Any]:
                                  "channel_axis": quantizer.channel_axis, "channel_groups": quantizer.channel_groups}
                         for tensor in (*weights, *inputs) if (quantizer := quantizer_of(layer, tensor)) is not None}
     tensors = {key: value.cpu() for key, value in quantizer_state(model).items()}
-    return {"format": STATE_FORMAT, "layers": layers, "tensors": tensors}
+    return {"format": STATE_FORMAT, "layers": layers, "tensors": tensors, "multipliers": multiplier_state(model)}
 
 
 def restore_quantization(model: nn.Module, state: Mapping[str, Any]) -> list[str]:
@@ -405,6 +454,7 @@ def restore_quantization(model: nn.Module, state: Mapping[str, Any]) -> list[str
     plans = {name: _restored_plan(model, name, tensors) for name, tensors in state["layers"].items()}
     built = _build(plans)
     tensors = dict(state.get("tensors") or {})
+    products = multipliers_from_state(model, state.get("multipliers") or {})
     quantizers = {f"{name}.{tensor}_quantizer": quantizer for name, (weights, inputs) in built.items()
                   for tensor, quantizer in {**weights, **inputs}.items()}
     for key, tensor in tensors.items():
@@ -413,6 +463,7 @@ def restore_quantization(model: nn.Module, state: Mapping[str, Any]) -> list[str
             raise ValueError(f"the saved quantizer state {key!r} belongs to no saved quantizer")
         _check_state_entry(quantizers[owner], owner, tensor_name, key, tensor)
     _install_built(model, plans, built)
+    install_multipliers(model, products)
     for key, tensor in tensors.items():
         owner, _, tensor_name = key.rpartition(".")
         quantizers[owner].load_state_tensors({tensor_name: tensor}, owner)
@@ -484,6 +535,7 @@ def detach(model: nn.Module, bake: bool = False) -> list[str]:
         if not hasattr(layer, _WEIGHTS_ATTR):
             continue
         del layer.forward
+        remove_multiplier(layer)
         layer._forward_pre_hooks.pop(getattr(layer, _HOOK_ATTR), None)
         for child_name, child in list(layer.named_children()):
             if isinstance(child, ApproxQuantizer):

@@ -193,7 +193,8 @@ def as_spec(value: QuantSpec | Mapping[str, Any] | None, argument: str, default:
 
 # ------------------------------------------------------------------------------- rules
 ROLES = ("weight", "input")
-RULE_KEYS = (*FIELD_NAMES, "weight", "input", "enabled")
+LAYER_KEYS = ("multiplier", "multiplier_gradient")  # settings of the layer's products, not of a spec
+RULE_KEYS = (*FIELD_NAMES, "weight", "input", "enabled", *LAYER_KEYS)
 
 
 def check_rules(rules: Mapping[str, Mapping[str, Any]] | None, argument: str = "rules") -> dict[str, dict[str, Any]]:
@@ -219,7 +220,7 @@ def check_rules(rules: Mapping[str, Mapping[str, Any]] | None, argument: str = "
             raise ValueError(f"`{argument}[{pattern!r}]`: unknown field{'s' if len(unknown) > 1 else ''} "
                              f"{', '.join(map(repr, unknown))}; a rule takes the QuantSpec fields "
                              f"({', '.join(FIELD_NAMES)}), 'weight' or 'input' (a dict of fields for one of "
-                             "them) and 'enabled'")
+                             "them), 'enabled', 'multiplier' and 'multiplier_gradient'")
         for role in ROLES:
             if role in fields:
                 inner = fields[role]
@@ -241,6 +242,7 @@ class LayerSpecs:
     input: QuantSpec | None
     weight_pinned: bool = False
     input_pinned: bool = False
+    layer: dict = dataclasses.field(default_factory=dict)  # the rules' LAYER_KEYS for this layer
 
 
 def resolve(layer_name: str, weight: QuantSpec | None, input: QuantSpec | None,
@@ -249,12 +251,15 @@ def resolve(layer_name: str, weight: QuantSpec | None, input: QuantSpec | None,
     in order (a later rule wins over an earlier one for the fields both set)."""
     changes: dict[str, dict[str, Any]] = {"weight": {}, "input": {}}
     enabled = True
+    layer: dict[str, Any] = {}
     for pattern, fields in rules.items():
         if not fnmatch.fnmatchcase(layer_name, pattern):
             continue
         for key, value in fields.items():
             if key == "enabled":
                 enabled = value
+            elif key in LAYER_KEYS:
+                layer[key] = value
             elif key in ROLES:
                 changes[key].update(value)
             else:
@@ -272,7 +277,7 @@ def resolve(layer_name: str, weight: QuantSpec | None, input: QuantSpec | None,
         except (TypeError, ValueError) as error:
             raise type(error)(f"`{argument}` for layer {layer_name!r} ({role}): {error}") from None
     return LayerSpecs(specs["weight"], specs["input"], weight_pinned="bits" in changes["weight"],
-                      input_pinned="bits" in changes["input"])
+                      input_pinned="bits" in changes["input"], layer=layer)
 
 
 __all__ = ["GRANULARITIES", "GRIDS", "LayerSpecs", "QuantSpec", "RANGES", "as_spec", "check_rules", "resolve"]

@@ -68,6 +68,7 @@ class StatisticsCollector:
         self._sites: dict[tuple[int, str], tuple[str, str]] = {}
         self._kinds: dict[tuple[str, str], tuple[str, str]] = {}  # (layer, kind) -> (layer, tensor)
         self._learned: set[tuple[str, str]] = set()  # the (layer, kind) whose quantizer learns its step
+        self._layer_names = {id(layer): name for name, layer in quantized_layers(model).items()}
         for layer_name, layer in quantized_layers(model).items():
             weights, inputs = quantized_tensor_names(layer)
             for kind, names in (("weight", weights), ("input", inputs)):
@@ -78,6 +79,12 @@ class StatisticsCollector:
                     if _learns(layer._modules[f"{names[0]}_quantizer"]):
                         self._learned.add((layer_name, kind))
         self._order = list(self._kinds)  # every (layer, kind) the model can report, in order
+        # Layers computing with an approximate multiplier report the error it adds to their
+        # output, relative to the exact integer output (``record_products``).
+        from .layers.approximate import multiplier_of
+
+        self._approximate = [name for name, layer in quantized_layers(model).items() if multiplier_of(layer)]
+        self._products: dict[str, torch.Tensor] = {}
         self._quantizers = list({id(m): m for m in model.modules() if isinstance(m, ApproxQuantizer)}.values())
         self._values: dict[tuple[str, str], dict[str, torch.Tensor]] = {}
         self._open = False
@@ -113,6 +120,19 @@ class StatisticsCollector:
                 stats[LEARNED_STAT] = qparams.channel_scale().detach().double().mean()
             self._values[key] = stats
 
+    @torch.no_grad()
+    def record_products(self, layer: nn.Module, approximate: torch.Tensor, exact: torch.Tensor) -> None:
+        """Called by layers with an approximate multiplier: their sums of products and the
+        exact sums of the same levels; kept as ``error_std``, the standard deviation of the
+        difference over that of the exact sums (0 for an exact multiplier)."""
+        name = self._layer_names.get(id(layer))
+        if name is None or exact.numel() < 2:
+            return
+        exact = exact.detach().double()
+        error = approximate.detach().double() - exact
+        tiny = torch.finfo(torch.float64).tiny
+        self._products[name] = error.std() / exact.std().clamp_min(tiny)
+
     def _value(self, layer: str, kind: str) -> dict[str, torch.Tensor] | None:
         return self._values.get(self._kinds[(layer, kind)])
 
@@ -124,6 +144,8 @@ class StatisticsCollector:
             value = self._value(layer, kind)
             if value is not None:
                 result.setdefault(layer, {})[kind] = dict(value)
+        for layer, error_std in self._products.items():
+            result.setdefault(layer, {})["products"] = {"error_std": error_std}
         return result
 
     def tensors(self) -> dict[str, dict[str, dict[str, torch.Tensor]]]:
@@ -136,11 +158,13 @@ class StatisticsCollector:
 
     def reduced(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
                 device: torch.device | None = None) -> dict[str, float]:
-        """``{"quant/{layer}/{kind}/{stat}": value}``, each the mean over the processes where
-        that layer ran (``all_reduce(tensor, "sum")``; None: this process alone), read back
-        to the host in one transfer. Every process reduces the same fixed-size tensor."""
+        """``{"quant/{layer}/{kind}/{stat}": value}`` (and ``"approx/{layer}/error_std"`` for
+        layers with an approximate multiplier), each the mean over the processes where that
+        layer ran (``all_reduce(tensor, "sum")``; None: this process alone), read back to the
+        host in one transfer. Every process reduces the same fixed-size tensor."""
         names = {key: STAT_NAMES + ((LEARNED_STAT,) if key in self._learned else ()) for key in self._order}
         tags = [f"quant/{layer}/{kind}/{stat}" for layer, kind in self._order for stat in names[(layer, kind)]]
+        tags += [f"approx/{layer}/error_std" for layer in self._approximate]
         if not tags:
             return {}
         if device is None:
@@ -154,6 +178,10 @@ class StatisticsCollector:
                 values[position:position + count] = torch.stack([stats[s].to(device) for s in names[key]])
                 present[position:position + count] = 1.0
             position += count
+        for layer in self._approximate:
+            if layer in self._products:
+                values[position], present[position] = self._products[layer].to(device), 1.0
+            position += 1
         both = torch.stack([values, present])
         if all_reduce is not None:
             both = all_reduce(both, "sum")

@@ -17,11 +17,13 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from ..approximation import multipliers, remove_multiplier
 from ..layers.functional import quantizer_of
 from ..qat import quantized_layers, quantized_tensor_names
 from ..quantizers import ApproxQuantizer
 from ..quantizers.qparams import QParams, levels
 from ..statistics import _LEGACY_ATTR
+from ..validation import check_bool
 from . import ops
 
 _ONNX_TYPES = {torch.int8: 3, torch.uint8: 2, torch.int16: 5, torch.uint16: 4}  # onnx.TensorProto
@@ -105,12 +107,21 @@ def _exported_input(quantizer: ApproxQuantizer, where: str) -> ApproxQuantizer:
     return quantizer  # its parameters are computed in the graph, from each tensor, by its own code
 
 
-def prepare_for_export(model: nn.Module) -> nn.Module:
+def prepare_for_export(model: nn.Module, exact_products: bool = False) -> nn.Module:
     """A copy of ``model`` in eval mode whose weights are integer buffers and whose constant
-    input parameters are frozen (see :mod:`torchapprox.export.ops`)."""
+    input parameters are frozen (see :mod:`torchapprox.export.ops`); with ``exact_products``,
+    its layers multiply exactly (their approximate multipliers removed from the copy)."""
     if not quantized_layers(model):
         raise ValueError("`model` has no quantizers: attach(model) before exporting it")
+    approximate = multipliers(model)
+    if approximate and not exact_products:
+        names = ", ".join(f"{layer} ({m.name})" for layer, m in list(approximate.items())[:8])
+        raise ValueError(f"ONNX cannot express an approximate product, and these layers compute with one: {names}"
+                         f"{' ...' if len(approximate) > 8 else ''}; pass exact_products=True to export the model "
+                         "with exact products (and keep the assignment with torchapprox.approximation.multiplier_state)")
     exported = copy.deepcopy(model).eval()
+    for module in exported.modules():
+        remove_multiplier(module)
     exported.__dict__.pop(_LEGACY_ATTR, None)
     for module in exported.modules():
         if isinstance(module, ApproxQuantizer):
@@ -172,6 +183,7 @@ def export_onnx(
     dynamic_batch: bool = True,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
+    exact_products: bool = False,
 ) -> Path:
     """Write ``model`` (attached with ``torchapprox.attach``) as an ONNX model in QDQ form.
 
@@ -199,6 +211,9 @@ def export_onnx(
         path: the ``.onnx`` file to write.
         dynamic_batch: the first dimension of every input may vary.
         input_names, output_names: names of the graph's inputs and outputs.
+        exact_products: export a model whose layers compute with approximate multipliers
+            (``ta.set_multiplier``) with exact products instead; without it such a model is
+            refused (ONNX has no approximate product).
 
     Returns:
         ``path``.
@@ -206,8 +221,9 @@ def export_onnx(
     Raises:
         ValueError: a model without quantizers, a grid ONNX's integer types cannot hold
             (more than 16 bits; the "auto" grid at 16 bits), per-token input scales,
-            per-channel scales along two dimensions (grouped ConvTranspose), or float64
-            parameters or inputs.
+            per-channel scales along two dimensions (grouped ConvTranspose), float64
+            parameters or inputs, or layers with approximate multipliers (without
+            ``exact_products``), named.
         ImportError: ``onnx`` or ``onnxscript`` is not installed.
     """
     try:
@@ -216,7 +232,7 @@ def export_onnx(
         raise ImportError(f"export_onnx needs onnx and onnxscript: pip install 'torchapprox[onnx]' ({error})") from None
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     _check_float_types(model, inputs)
-    exported = prepare_for_export(model)
+    exported = prepare_for_export(model, check_bool(exact_products, "exact_products"))
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")

@@ -22,23 +22,31 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .approximate import approximate_conv, approximate_linear, multiplier_of
 from .attention import multihead_attention_forward
 from .functional import quantized_conv, quantized_linear, quantized_weight, quantized_weight_and_qparams
 from .recurrent import recurrent_forward, recurrent_weights
 from .registry import register_layer
 
 
-@register_layer(nn.Linear, weights={"weight": 0})
+@register_layer(nn.Linear, weights={"weight": 0}, multiplier=True)
 def linear_forward(layer: nn.Linear, input: Tensor) -> Tensor:
     weight, weight_qparams = quantized_weight_and_qparams(layer)
+    setting = multiplier_of(layer)
+    if setting is not None:
+        return approximate_linear(layer, input, weight, layer.bias, weight_qparams, setting)
     return quantized_linear(layer, input, weight, layer.bias, weight_qparams=weight_qparams)
 
 
-@register_layer("transformers.pytorch_utils.Conv1D", weights={"weight": 1})
+@register_layer("transformers.pytorch_utils.Conv1D", weights={"weight": 1}, multiplier=True)
 def transformers_conv1d_forward(layer: nn.Module, x: Tensor) -> Tensor:
     # transformers' Conv1D (GPT-2 and relatives) stores its weight [in, out] and computes
     # x @ weight + bias: a linear layer with the transposed weight.
     weight, weight_qparams = quantized_weight_and_qparams(layer)
+    setting = multiplier_of(layer)
+    if setting is not None:
+        return approximate_linear(layer, x, weight.t(), layer.bias, weight_qparams, setting,
+                                  weight_layout_transposed=True)
     return quantized_linear(layer, x, weight.t(), layer.bias, weight_qparams=weight_qparams)
 
 
@@ -66,6 +74,10 @@ def conv_forward(layer: nn.Module, input: Tensor) -> Tensor:
     # tensor picks, so quantizing the padded input equals padding the quantized one.
     input, padding = _input_and_padding(layer, input)
     weight, weight_qparams = quantized_weight_and_qparams(layer)
+    setting = multiplier_of(layer)
+    if setting is not None:
+        return approximate_conv(layer, input, weight, layer.bias, weight_qparams, setting, layer.stride, padding,
+                                layer.dilation, layer.groups)
     return quantized_conv(layer, input, weight, layer.bias, layer.stride, padding, layer.dilation, layer.groups,
                           weight_qparams=weight_qparams)
 
@@ -84,7 +96,7 @@ def conv_transpose_forward(layer: nn.Module, input: Tensor, output_size: list[in
 
 
 for _conv in (nn.Conv1d, nn.Conv2d, nn.Conv3d):
-    register_layer(_conv, weights={"weight": 0}, forward=conv_forward)
+    register_layer(_conv, weights={"weight": 0}, forward=conv_forward, multiplier=True)
 def _conv_transpose_weights(layer: nn.Module) -> dict[str, tuple[int, int]]:
     # The weight is [in, out/groups, ...]: with groups, output channel g * (out/groups) + j
     # is column j of group g's rows, so per-channel scales need the groups too.

@@ -27,6 +27,7 @@ class LayerType:
     weights: WeightAxes | Callable[[nn.Module], WeightAxes]
     inputs: tuple[str, ...]
     forward: Callable
+    multiplier: bool = False  # the forward computes with an approximate multiplier when the layer has one
 
     def weight_layout(self, layer: nn.Module) -> dict[str, tuple[int, int]]:
         """``{weight name: (output-channel axis, groups)}`` of this layer instance."""
@@ -51,6 +52,7 @@ def register_layer(
     weights: WeightAxes | Callable[[nn.Module], WeightAxes],
     inputs: Iterable[str] = ("input",),
     forward: Callable | None = None,
+    multiplier: bool = False,
 ):
     """Register how a layer type computes with quantized weights and inputs.
 
@@ -75,6 +77,10 @@ def register_layer(
             :func:`~torchapprox.layers.quantized_conv`), and must not change the layer's
             state. A module-level function, so that attached models pickle. Without it,
             ``register_layer`` returns a decorator.
+        multiplier: whether the forward computes with an approximate multiplier when the
+            layer has one (``torchapprox.layers.approximate.multiplier_of``; the built-in
+            Linear, Conv1d/2d/3d and transformers' Conv1D do). ``ta.set_multiplier`` refuses
+            a layer type registered without it, by name.
 
     Returns:
         ``forward`` (or the decorator), so that it can decorate the function.
@@ -118,7 +124,7 @@ def register_layer(
     def register(function: Callable) -> Callable:
         if not callable(function):
             raise TypeError(f"`forward` must be a function forward(layer, *args, **kwargs), got {function!r}")
-        _REGISTRY[layer_type] = LayerType(layer_type, weights, inputs, function)
+        _REGISTRY[layer_type] = LayerType(layer_type, weights, inputs, function, bool(multiplier))
         return function
 
     return register(forward) if forward is not None else register

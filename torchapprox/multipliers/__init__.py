@@ -12,7 +12,7 @@ from . import ops  # noqa: F401 - registers the torchapprox::approx_matmul* cust
 from .decomposition import Decomposition
 from .conv import approx_conv_levels
 from .functional import AUTO_MAX_RANK, approx_linear_levels, approx_matmul_int, select_path
-from .generators import broken_array, drum, exact, mitchell, truncated
+from .generators import broken_array, by_name, drum, exact, mitchell, truncated
 from .multiplier import Multiplier
 
 __all__ = [
@@ -23,6 +23,7 @@ __all__ = [
     "approx_linear_levels",
     "approx_matmul_int",
     "broken_array",
+    "by_name",
     "drum",
     "exact",
     "mitchell",

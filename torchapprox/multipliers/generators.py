@@ -16,6 +16,8 @@ in this model and get ``cost=None``.
 
 from __future__ import annotations
 
+import functools
+import re
 from collections.abc import Callable
 
 import torch
@@ -66,7 +68,8 @@ def _array_decomposition(h: int, v: int, input_signed: bool) -> Decomposition:
 
 def exact(*, input_signed: bool = True) -> Multiplier:
     """The exact product (cost 1.0)."""
-    return Multiplier(domain.exact_table(input_signed), input_signed=input_signed, name="exact", cost=1.0)
+    return Multiplier(domain.exact_table(input_signed), input_signed=input_signed, name="exact", cost=1.0,
+                      builder=exact)
 
 
 def truncated(k: int, *, input_signed: bool = True) -> Multiplier:
@@ -80,7 +83,7 @@ def truncated(k: int, *, input_signed: bool = True) -> Multiplier:
     k = _check_int(k, "k", 0, 15, "truncated")
     table = _sign_magnitude_table(lambda a, b: models.array_product(a, b, h=0, v=k), input_signed)
     return Multiplier(table, input_signed=input_signed, name=f"truncated({k})", cost=_array_cost(0, k),
-                      decomposition=_array_decomposition(0, k, input_signed))
+                      decomposition=_array_decomposition(0, k, input_signed), builder=functools.partial(truncated, k))
 
 
 def broken_array(h: int, v: int, *, input_signed: bool = True) -> Multiplier:
@@ -101,7 +104,8 @@ def broken_array(h: int, v: int, *, input_signed: bool = True) -> Multiplier:
     v = _check_int(v, "v", 0, 15, "broken_array")
     table = _sign_magnitude_table(lambda a, b: models.array_product(a, b, h=h, v=v), input_signed)
     return Multiplier(table, input_signed=input_signed, name=f"broken_array({h}, {v})", cost=_array_cost(h, v),
-                      decomposition=_array_decomposition(h, v, input_signed))
+                      decomposition=_array_decomposition(h, v, input_signed),
+                      builder=functools.partial(broken_array, h, v))
 
 
 def drum(k: int, *, input_signed: bool = True) -> Multiplier:
@@ -121,7 +125,8 @@ def drum(k: int, *, input_signed: bool = True) -> Multiplier:
     (sx, ax), (sw, aw) = _signs_and_magnitudes(domain.input_values(input_signed)), \
         _signs_and_magnitudes(domain.weight_values())
     decomposition = Decomposition((sx * models.drum_round(ax, k))[None], (sw * models.drum_round(aw, k))[None])
-    return Multiplier(table, input_signed=input_signed, name=f"drum({k})", cost=None, decomposition=decomposition)
+    return Multiplier(table, input_signed=input_signed, name=f"drum({k})", cost=None, decomposition=decomposition,
+                      builder=functools.partial(drum, k))
 
 
 def mitchell(*, input_signed: bool = True) -> Multiplier:
@@ -134,4 +139,27 @@ def mitchell(*, input_signed: bool = True) -> Multiplier:
     (``cost=None``); no exact low-rank decomposition (table path only).
     """
     table = _sign_magnitude_table(models.mitchell_product, input_signed)
-    return Multiplier(table, input_signed=input_signed, name="mitchell", cost=None)
+    return Multiplier(table, input_signed=input_signed, name="mitchell", cost=None, builder=mitchell)
+
+
+_GENERATORS: dict[str, Callable[..., Multiplier]] = {
+    "exact": exact, "truncated": truncated, "broken_array": broken_array, "drum": drum, "mitchell": mitchell}
+_NAME = re.compile(r"^(\w+)(?:\(\s*(\d+)\s*(?:,\s*(\d+)\s*)?\))?$")
+
+
+def by_name(name: str, *, input_signed: bool = True) -> Multiplier:
+    """The built-in multiplier a generator names itself: ``"exact"``, ``"mitchell"``,
+    ``"drum(4)"``, ``"truncated(4)"``, ``"broken_array(2, 6)"`` (what ``Multiplier.name``
+    holds for a generator's table). Raises ValueError for any other name."""
+    match = _NAME.match(name.strip()) if isinstance(name, str) else None
+    generator = _GENERATORS.get(match.group(1)) if match else None
+    if generator is None:
+        raise ValueError(f"no built-in multiplier is named {name!r}; the built-in ones are exact, mitchell, drum(k), "
+                         "truncated(k) and broken_array(h, v)")
+    arguments = [int(group) for group in match.groups()[1:] if group is not None]
+    try:
+        return generator(*arguments, input_signed=input_signed)
+    except TypeError:
+        raise ValueError(f"multiplier name {name!r}: {match.group(1)} takes "
+                         f"{ {'exact': 'no', 'mitchell': 'no', 'drum': 'one', 'truncated': 'one'}.get(match.group(1), 'two')}"
+                         " integer argument(s)") from None

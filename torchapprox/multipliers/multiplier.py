@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -37,8 +38,12 @@ class Multiplier:
     """
 
     def __init__(self, table: Any, *, input_signed: bool = True, name: str | None = None,
-                 cost: float | None = None, decomposition: Decomposition | None = None) -> None:
+                 cost: float | None = None, decomposition: Decomposition | None = None,
+                 builder: Callable[..., Multiplier] | None = None) -> None:
         self.table = _checked_table(table, "Multiplier")
+        # builder(input_signed=...) makes this design for either input domain (the generators
+        # pass themselves); a table from elsewhere has only the domain it was given for.
+        self._builder = builder
         self.input_signed = bool(input_signed)
         self.name = name if name is not None else "custom"
         self.cost = None if cost is None else float(cost)
@@ -99,6 +104,28 @@ class Multiplier:
     @property
     def domain(self) -> str:
         return domain.describe(self.input_signed)
+
+    def for_input(self, input_signed: bool, *, where: str = "Multiplier.for_input") -> Multiplier:
+        """This design for a signed (True) or unsigned (False) 8-bit input: ``self`` when
+        that is its domain, else the same generator's table for the other domain (cached).
+
+        Raises ValueError for a table built for one domain only (:meth:`from_table`, the
+        constructor), naming the domain needed: build it for that domain, or quantize the
+        input on the grid it was made for (``grid="signed"`` or ``"unsigned"``).
+        """
+        input_signed = bool(input_signed)
+        if input_signed == self.input_signed:
+            return self
+        if self._builder is None:
+            raise ValueError(
+                f"{where}: multiplier {self.name!r} is a table for the {self.domain} domain, but the input is on "
+                f"the {'signed' if input_signed else 'unsigned'} grid; give a table made for "
+                f"input_signed={input_signed}, or quantize the input on the grid the table was made for "
+                f"(grid={'signed' if self.input_signed else 'unsigned'!r})")
+        key = ("domain", input_signed)
+        if key not in self._cache:
+            self._cache[key] = self._builder(input_signed=input_signed)
+        return self._cache[key]
 
     # ------------------------------------------------------------------ values
     def product(self, x: Any, w: Any) -> Tensor:

@@ -1,0 +1,124 @@
+"""Approximation-aware retraining: switch layers to an approximate multiplier at an epoch.
+
+The standard flow for approximate hardware: train with exact products (quantization-aware
+training), then let the layers multiply through the approximate multiplier and retrain a few
+epochs so the network recovers the accuracy the multiplier costs. Put this callback after
+:class:`~callbacks.QuantizationAwareTraining` (which attaches the quantizers):
+
+    Trainer(callbacks=[QuantizationAwareTraining(schedule=ConstantBitwidth(8)),
+                       ApproximateProducts(drum(4), start_epoch=5)])
+
+While the quantization callback records statistics (every ``log_every_n_steps``), each
+approximate layer also logs ``approx/{layer}/error_std``: the standard deviation of the error
+the multiplier adds to the layer's integer output, relative to that of the exact output. The
+assignment is kept in the checkpoint (this callback's state), so a resumed run computes with
+the same multipliers, and a run resumed before ``start_epoch`` switches when it gets there.
+"""
+
+from __future__ import annotations
+
+import numbers
+import weakref
+from collections.abc import Iterable
+from typing import Any
+
+from lightning.pytorch import Callback, LightningModule, Trainer
+from lightning.pytorch.utilities import rank_zero_info
+
+import torchapprox as ta
+from torchapprox.approximation import install_multipliers, multiplier_state, multipliers_from_state
+from torchapprox.multipliers import Multiplier
+from torchapprox.multipliers.functional import GRADIENTS
+from torchapprox.validation import check_bool, check_patterns
+
+
+class ApproximateProducts(Callback):
+    """Compute the products of the quantized layers matching ``pattern`` with ``multiplier``
+    from epoch ``start_epoch`` on.
+
+    Args:
+        multiplier: a :class:`torchapprox.multipliers.Multiplier` (``drum(4)``,
+            ``Multiplier.from_table(path)``, ...).
+        start_epoch: the first epoch (0-based) that trains with approximate products; 0
+            (default) from the start; validation and test after it use them too.
+        pattern: fnmatch pattern(s) over layer names (default every layer that can take one).
+        gradient: ``"ste"`` (the exact product's gradient) or ``"table"`` (the table's slopes).
+        verbose: print the switch.
+
+    Raises:
+        TypeError, ValueError: a bad argument (named); at the switch, the errors of
+            :func:`torchapprox.set_multiplier` (operands over 8 bits: let the bitwidth schedule
+            reach 8 bits or fewer by ``start_epoch``).
+    """
+
+    def __init__(self, multiplier: Multiplier, start_epoch: int = 0, pattern: str | Iterable[str] = "*",
+                 gradient: str = "ste", verbose: bool = True) -> None:
+        if not isinstance(multiplier, Multiplier):
+            raise TypeError(f"`multiplier` must be a torchapprox.multipliers.Multiplier, got {type(multiplier).__name__}")
+        if isinstance(start_epoch, bool) or not isinstance(start_epoch, numbers.Integral) or start_epoch < 0:
+            raise ValueError(f"`start_epoch` must be an int >= 0, got {start_epoch!r}")
+        if gradient not in GRADIENTS:
+            raise ValueError(f"`gradient` must be one of {', '.join(map(repr, GRADIENTS))}, got {gradient!r}")
+        self.multiplier = multiplier
+        self.start_epoch = int(start_epoch)
+        self.pattern = check_patterns(pattern, "pattern")
+        self.gradient = gradient
+        self.verbose = check_bool(verbose, "verbose")
+        self.layers: list[str] = []  # the layers switched
+        self._saved: dict[str, Any] | None = None  # an assignment from a checkpoint, not installed yet
+
+    # --------------------------------------------------------------------------- the switch
+    def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore(pl_module)
+        if not self.layers and trainer.current_epoch >= self.start_epoch:
+            self.layers = ta.set_multiplier(pl_module, self.multiplier, self.pattern, gradient=self.gradient)
+            if self.verbose:
+                rank_zero_info(f"ApproximateProducts: epoch {trainer.current_epoch}, {len(self.layers)} layers multiply "
+                               f"with {self.multiplier.name!r} from now on")
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore(pl_module)
+
+    def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore(pl_module)
+
+    def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore(pl_module)
+
+    def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._restore(pl_module)
+
+    def _restore(self, pl_module: LightningModule) -> None:
+        """Install a checkpoint's assignment once the quantizers are attached (the quantization
+        callback restores them first; attaching again would clear the multipliers)."""
+        if self._saved is None or not ta.quantized_layers(pl_module):
+            return
+        saved, self._saved = self._saved, None
+        install_multipliers(pl_module, multipliers_from_state(pl_module, saved))
+        self.layers = list(saved)
+
+    # --------------------------------------------------------------------------- checkpoints
+    def state_dict(self) -> dict[str, Any]:
+        """``{"start_epoch", "layers", "assignment"}``: plain values and tensors (loads with
+        ``torch.load(weights_only=True)``); the assignment as
+        :func:`torchapprox.approximation.multiplier_state` records it."""
+        return {"start_epoch": self.start_epoch, "layers": list(self.layers), "assignment": self._assignment}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        assignment = state_dict.get("assignment") or {}
+        self._saved = dict(assignment) if assignment else None
+        self.layers = []
+
+    def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        self._module = weakref.ref(pl_module)
+
+    @property
+    def _assignment(self) -> dict[str, Any]:
+        reference = getattr(self, "_module", None)
+        module = reference() if reference is not None else None
+        if self._saved is not None:
+            return self._saved
+        return multiplier_state(module) if module is not None and self.layers else {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_module": None}
