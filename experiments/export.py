@@ -33,6 +33,7 @@ from omegaconf import OmegaConf
 import torchapprox as ta
 from experiments.console import quiet_third_party
 from experiments.module import Classifier
+from experiments.sweep_summary import write_atomically
 from callbacks.checkpoint import quantization_from_checkpoint, restore_quantized
 from torchapprox.calibration import calibrate, input_quantizers, takes_static_range
 from torchapprox.export import export_onnx
@@ -141,11 +142,26 @@ def latency(paths: dict[str, Path], example: np.ndarray, rounds: int = 200, thre
     return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
 
 
+def write_assignment(assignment: dict, path: Path) -> Path:
+    """``{layer: {"multiplier", "input_signed", "cost", metrics..., "table_sha256"}}`` as JSON,
+    for hardware flows (the table's hash identifies a table from a file)."""
+    import hashlib
+
+    entries = {layer: {"multiplier": m.name, "input_signed": m.input_signed, "cost": m.cost, **m.metrics(),
+                       "table_sha256": hashlib.sha256(m.table.numpy().tobytes()).hexdigest()}
+               for layer, m in assignment.items()}
+    write_atomically(path, (json.dumps(entries, indent=2) + "\n").encode())
+    return path
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run dir of experiments.train (outputs/<time>)")
     parser.add_argument("--static", action="store_true", help="constant input scales (calibrated ranges)")
     parser.add_argument("--latency", action="store_true", help="time float, dynamic and static QDQ models")
+    parser.add_argument("--exact-products", action="store_true",
+                        help="export layers that compute with an approximate multiplier with exact products (ONNX "
+                             "has none); their assignment goes to RUN_DIR/multipliers.json")
     parser.add_argument("--threads", type=int, default=1,
                         help="ONNX Runtime intra-op threads for --latency (default 1: figures that background "
                              "load does not move)")
@@ -160,6 +176,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"Error: {error}", file=sys.stderr)
         return 2
     refusal = unexportable(model, args.run_dir)
+    approximate = ta.assigned_multipliers(model)
+    if approximate and not args.exact_products and not refusal:
+        names = ", ".join(f"{layer} ({m.name})" for layer, m in list(approximate.items())[:8])
+        refusal = (f"ONNX cannot express an approximate product, and these layers compute with one: {names}"
+                   f"{' ...' if len(approximate) > 8 else ''}; pass --exact-products to export them with exact "
+                   "products (the assignment goes to multipliers.json beside the model)")
     if refusal:
         print(f"Error: {refusal}", file=sys.stderr)
         return 2
@@ -182,10 +204,14 @@ def main(argv: list[str] | None = None) -> int:
     torch_accuracy = float((torch_predictions(model, test_loader) == np.concatenate(
         [y.numpy() for _, y in test_loader])).mean())
     try:
-        path = export_onnx(model, example, args.run_dir / "model.onnx")
+        path = export_onnx(model, example, args.run_dir / "model.onnx", exact_products=args.exact_products)
     except (ValueError, TypeError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
+    if approximate:
+        assignment = write_assignment(approximate, args.run_dir / "multipliers.json")
+        print(f"wrote {assignment}: the multiplier of each of {len(approximate)} layers; the ONNX model multiplies "
+              "exactly, so its accuracy is the exact-product model's")
     accuracy, _ = onnx_accuracy(path, test_loader)
     metrics_path = args.run_dir / "metrics.json"
     recorded = json.loads(metrics_path.read_text()).get("test/acc") if metrics_path.is_file() else None
@@ -208,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
                 for quantizer in model.modules():
                     if isinstance(quantizer, ta.MinMaxQuant):
                         quantizer.freeze_range(None)
-                paths = {"QDQ static": path, "QDQ dynamic": export_onnx(model, example, other)}
+                paths = {"QDQ static": path,
+                             "QDQ dynamic": export_onnx(model, example, other, exact_products=args.exact_products)}
             else:
                 calibrate(model, datamodule.train_dataloader())
-                paths = {"QDQ dynamic": path, "QDQ static": export_onnx(model, example, other)}
+                paths = {"QDQ dynamic": path,
+                             "QDQ static": export_onnx(model, example, other, exact_products=args.exact_products)}
             paths["float"] = float_path
             times = latency(paths, example.numpy(), threads=args.threads)
             print(f"ONNX Runtime latency, batch {len(example)}, {args.threads} thread(s), median of interleaved runs: "

@@ -167,9 +167,9 @@ def write_summary(rows: list[dict[str, Any]], sweep_dir: Path, metric: str = "te
     writer = csv.DictWriter(table, fieldnames=columns(rows), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    _write_atomically(sweep_dir / "summary.csv", table.getvalue().encode())
+    write_atomically(sweep_dir / "summary.csv", table.getvalue().encode())
     cells = aggregate(rows, metric)
-    _write_atomically(sweep_dir / "summary.md", _markdown(rows, cells, metric).encode())
+    write_atomically(sweep_dir / "summary.md", _markdown(rows, cells, metric).encode())
     temporary = sweep_dir / f".summary.{os.getpid()}.png"
     try:
         _plot(cells, temporary, metric)
@@ -178,7 +178,7 @@ def write_summary(rows: list[dict[str, Any]], sweep_dir: Path, metric: str = "te
         temporary.unlink(missing_ok=True)
 
 
-def _write_atomically(path: Path, data: bytes) -> None:
+def write_atomically(path: Path, data: bytes) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         temporary.write_bytes(data)

@@ -62,7 +62,7 @@ def test_linear_equals_the_elementwise_table_reference(multiplier, weight, input
         x = x.relu()  # the auto grid picks the unsigned domain: the table's other form
     ta.attach(layer, weight=weight, input=input, multiplier=multiplier if multiplier.name != "random"
               or input.get("grid") != "auto" else random_table(input_signed=False))
-    used = ta.multipliers(nn.Sequential(layer))["0"]
+    used = ta.assigned_multipliers(nn.Sequential(layer))["0"]
     out = layer(x)
     torch.testing.assert_close(out.double(), expected_linear(layer, x, used), rtol=1e-6, atol=1e-6)
 
@@ -206,29 +206,29 @@ def test_set_multiplier_switches_layers_by_pattern_and_back():
     x = torch.randn(5, 8)
     exact_out = model(x)
     assert ta.set_multiplier(model, drum(3), pattern="2") == ["2"]
-    assert list(ta.multipliers(model)) == ["2"]
+    assert list(ta.assigned_multipliers(model)) == ["2"]
     assert not torch.allclose(model(x), exact_out)
     assert ta.set_multiplier(model, None) == ["0", "2"]
-    assert ta.multipliers(model) == {}
+    assert ta.assigned_multipliers(model) == {}
     torch.testing.assert_close(model(x), exact_out)
 
 
 def test_rules_set_the_multiplier_per_layer():
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     ta.attach(model, multiplier=drum(4), rules={"2": {"multiplier": None}, "0": {"multiplier_gradient": "table"}})
-    assert list(ta.multipliers(model)) == ["0"]
+    assert list(ta.assigned_multipliers(model)) == ["0"]
     assert model[0]._torchapprox_multiplier.gradient == "table"
     ta.attach(model, rules={"2": {"multiplier": mitchell()}})
-    assert {k: m.name for k, m in ta.multipliers(model).items()} == {"2": "mitchell"}
+    assert {k: m.name for k, m in ta.assigned_multipliers(model).items()} == {"2": "mitchell"}
     ta.detach(model)
-    assert ta.multipliers(model) == {}
+    assert ta.assigned_multipliers(model) == {}
 
 
 def test_layers_that_cannot_take_a_multiplier_are_named():
     model = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.ConvTranspose1d(8, 4, 3))
     with pytest.warns(UserWarning, match="Embedding cannot take a multiplier.*ConvTranspose1d cannot take"):
         ta.attach(model, multiplier=drum(4))
-    assert list(ta.multipliers(model)) == ["1"]
+    assert list(ta.assigned_multipliers(model)) == ["1"]
     only_embedding = nn.Sequential(nn.Embedding(10, 8))
     ta.attach(only_embedding)
     with pytest.raises(ValueError, match="no matching layer can take multiplier 'exact': Embedding cannot take"):
@@ -244,7 +244,7 @@ def test_operands_the_multiplier_cannot_take_are_refused_before_anything_changes
     model = nn.Sequential(nn.Linear(4, 4))
     with pytest.raises(ValueError, match=message):
         ta.attach(model, multiplier=random_table(), **setup)
-    assert ta.quantized_layers(model) == {} and ta.multipliers(model) == {}
+    assert ta.quantized_layers(model) == {} and ta.assigned_multipliers(model) == {}
 
 
 def test_bits_raised_after_the_switch_fail_at_the_forward_naming_the_layer():
@@ -282,8 +282,8 @@ def test_the_assignment_travels_through_quantization_state(tmp_path):
     fresh = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
     ta.restore_quantization(fresh, saved["state"])
     fresh.load_state_dict(saved["weights"])
-    assert {k: m.name for k, m in ta.multipliers(fresh).items()} == {"0": "drum(4)", "3": "random"}
-    assert torch.equal(ta.multipliers(fresh)["3"].table, custom.table)
+    assert {k: m.name for k, m in ta.assigned_multipliers(fresh).items()} == {"0": "drum(4)", "3": "random"}
+    assert torch.equal(ta.assigned_multipliers(fresh)["3"].table, custom.table)
     assert fresh[3]._torchapprox_multiplier.gradient == "table"
     torch.testing.assert_close(fresh(x), expected)
 
@@ -303,7 +303,7 @@ def test_export_refuses_approximate_products_unless_asked_for_exact_ones(tmp_pat
         ta.export_onnx(model, x, tmp_path / "m.onnx")
     assert not (tmp_path / "m.onnx").exists()
     path = ta.export_onnx(model, x, tmp_path / "m.onnx", exact_products=True)
-    assert list(ta.multipliers(model)) == ["0", "2"]  # the model itself keeps them
+    assert list(ta.assigned_multipliers(model)) == ["0", "2"]  # the model itself keeps them
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(out, reference.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)

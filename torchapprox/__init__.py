@@ -1,6 +1,6 @@
 """torchapprox: quantization-aware training for PyTorch (this package needs torch only)."""
 
-from .approximation import multipliers, set_multiplier
+from .approximation import assigned_multipliers, set_multiplier
 from .calibration import calibrate
 from .coverage import coverage, coverage_summary
 from .export import export_onnx
@@ -18,6 +18,7 @@ __all__ = [
     "QParams",
     "QuantSpec",
     "attach",
+    "assigned_multipliers",
     "calibrate",
     "collect_statistics",
     "coverage",
@@ -27,7 +28,6 @@ __all__ = [
     "export_onnx",
     "float_state_dict",
     "load_quantizer_state",
-    "multipliers",
     "quantization_state",
     "quantized_layers",
     "quantizer_state",

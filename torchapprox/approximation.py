@@ -3,7 +3,7 @@
     ta.attach(model, multiplier=drum(4))                 # every layer that can take one
     ta.set_multiplier(model, mitchell(), pattern="conv*")  # later: switch some
     ta.set_multiplier(model, None)                        # back to exact products
-    ta.multipliers(model)                                 # {layer: Multiplier}
+    ta.assigned_multipliers(model)                                 # {layer: Multiplier}
 
 A layer computes ``s_x * s_w * sum table[x_q, w_q]`` then (``torchapprox.layers.approximate``).
 The assignment is kept on the layers (not in ``state_dict``); :func:`multiplier_state` and
@@ -149,7 +149,7 @@ def remove_multiplier(layer: nn.Module) -> None:
     layer.__dict__.pop(MULTIPLIER_ATTR, None)
 
 
-def multipliers(model: nn.Module) -> dict[str, Multiplier]:
+def assigned_multipliers(model: nn.Module) -> dict[str, Multiplier]:
     """``{layer name: Multiplier}`` of the layers that compute with one."""
     return {name: setting.multiplier for name, layer in model.named_modules()
             if (setting := multiplier_of(layer)) is not None}
@@ -211,4 +211,4 @@ def install_multipliers(model: nn.Module, settings: Mapping[str, MultiplierSetti
         _install(model.get_submodule(name), setting)
 
 
-__all__ = ["multiplier_state", "multipliers", "set_multiplier"]
+__all__ = ["assigned_multipliers", "multiplier_state", "set_multiplier"]

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from ..approximation import multipliers, remove_multiplier
+from ..approximation import assigned_multipliers, remove_multiplier
 from ..layers.functional import quantizer_of
 from ..qat import quantized_layers, quantized_tensor_names
 from ..quantizers import ApproxQuantizer
@@ -113,7 +113,7 @@ def prepare_for_export(model: nn.Module, exact_products: bool = False) -> nn.Mod
     its layers multiply exactly (their approximate multipliers removed from the copy)."""
     if not quantized_layers(model):
         raise ValueError("`model` has no quantizers: attach(model) before exporting it")
-    approximate = multipliers(model)
+    approximate = assigned_multipliers(model)
     if approximate and not exact_products:
         names = ", ".join(f"{layer} ({m.name})" for layer, m in list(approximate.items())[:8])
         raise ValueError(f"ONNX cannot express an approximate product, and these layers compute with one: {names}"
