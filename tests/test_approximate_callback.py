@@ -30,8 +30,9 @@ class MultiplierProbe(Callback):
         self.val[trainer.current_epoch] = self._names(pl_module)
 
 
-def qat():
-    return QuantizationAwareTraining(schedule=ConstantBitwidth(8), verbose=False)
+def qat(unsigned=False):
+    return QuantizationAwareTraining(schedule=ConstantBitwidth(8), verbose=False,
+                                     input=ta.QuantSpec(grid="unsigned") if unsigned else None)
 
 
 def test_layers_switch_at_the_scheduled_epoch_and_log_the_error_they_add(tmp_path):
@@ -63,12 +64,12 @@ def test_the_exact_multiplier_logs_no_error_and_trains_as_plain_qat(tmp_path):
 
 
 def test_a_resumed_run_keeps_the_assignment_and_a_checkpoint_restores_it(tmp_path):
-    # net.2's input comes from a ReLU: the auto grid puts it on the unsigned grid
+    # a table made for unsigned inputs only: the inputs go on the unsigned grid (net.2's comes from a ReLU)
     table = drum(4, input_signed=False).table.clone()
     table[3, 128 + 5] += 7  # a table no generator makes: it travels in the checkpoint
     custom = Multiplier(table, input_signed=False, name="custom")
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    make_trainer(tmp_path / "first", [qat(), ApproximateProducts(custom, start_epoch=1, pattern="net.2",
+    make_trainer(tmp_path / "first", [qat(unsigned=True), ApproximateProducts(custom, start_epoch=1, pattern="net.2",
                                                                  verbose=False), checkpoint], max_epochs=2
                  ).fit(TinyClassifier())
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
@@ -77,7 +78,7 @@ def test_a_resumed_run_keeps_the_assignment_and_a_checkpoint_restores_it(tmp_pat
     probe = MultiplierProbe()
     resumed = TinyClassifier()
     # the resumed run is given another multiplier: the checkpoint's assignment wins, as it was trained
-    make_trainer(tmp_path / "second", [qat(), ApproximateProducts(drum(2), start_epoch=1, verbose=False), probe],
+    make_trainer(tmp_path / "second", [qat(unsigned=True), ApproximateProducts(drum(2), start_epoch=1, verbose=False), probe],
                  max_epochs=3).fit(resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert probe.train == {2: {"net.2": "custom"}}
     assert torch.equal(ta.assigned_multipliers(resumed)["net.2"].table, table)

@@ -60,8 +60,10 @@ def test_linear_equals_the_elementwise_table_reference(multiplier, weight, input
     x = torch.randn(3, 5, 37)
     if input.get("grid") == "auto":
         x = x.relu()  # the auto grid picks the unsigned domain: the table's other form
-    ta.attach(layer, weight=weight, input=input, multiplier=multiplier if multiplier.name != "random"
-              or input.get("grid") != "auto" else random_table(input_signed=False))
+    if multiplier.name == "random" and input.get("grid") == "auto":
+        # a table made for one domain takes an explicit grid (the auto grid is refused for it)
+        input, multiplier = {**input, "grid": "unsigned"}, random_table(input_signed=False)
+    ta.attach(layer, weight=weight, input=input, multiplier=multiplier)
     used = ta.assigned_multipliers(nn.Sequential(layer))["0"]
     out = layer(x)
     torch.testing.assert_close(out.double(), expected_linear(layer, x, used), rtol=1e-6, atol=1e-6)
@@ -307,3 +309,26 @@ def test_export_refuses_approximate_products_unless_asked_for_exact_ones(tmp_pat
     session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
     np.testing.assert_allclose(out, reference.eval()(x).detach().numpy(), rtol=1e-5, atol=1e-5)
+
+
+def test_combinations_that_would_fail_mid_training_are_refused_at_attach():
+    conv = nn.Sequential(nn.Conv2d(3, 4, 3))
+    with pytest.raises(ValueError, match="a convolution with a multiplier takes one input scale per tensor"):
+        ta.attach(conv, input={"granularity": "per_token"}, multiplier=exact())
+    signed_only = random_table()
+    with pytest.raises(ValueError, match="a table for the signed x signed domain only, but the input is on the 'auto'"):
+        ta.attach(nn.Sequential(nn.Linear(4, 4)), input={"grid": "auto"}, multiplier=signed_only)
+    with pytest.raises(TypeError, match="`input_signed` must be True or False, got 'no'"):
+        Multiplier.from_table(exact().table, input_signed="no")
+
+
+def test_under_autocast_a_linear_layer_gives_autocast_s_dtype_as_without_a_multiplier():
+    plain, approximate = nn.Linear(8, 3), nn.Linear(8, 3)
+    approximate.load_state_dict(plain.state_dict())
+    ta.attach(plain)
+    ta.attach(approximate, multiplier=exact())
+    x = torch.randn(4, 8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = plain(x), approximate(x)
+    assert got.dtype == expected.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)

@@ -119,13 +119,19 @@ def check_layer(layer: nn.Module, setting: MultiplierSetting) -> None:
     operands = [(role, q.bitwidth, q.grid) for role, names in (("weight", layer_type.weight_axes(layer)),
                                                                ("input", layer_type.inputs))
                 for name in names if (q := quantizer_of(layer, name)) is not None]
-    check_operands(setting, operands)
+    per_token = any(q.spec.granularity == "per_token" for name in layer_type.inputs
+                    if (q := quantizer_of(layer, name)) is not None)
+    check_operands(setting, operands, convolution=isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)), per_token=per_token)
 
 
-def check_operands(setting: MultiplierSetting, operands: Iterable[tuple[str, int, str]]) -> None:
+def check_operands(setting: MultiplierSetting, operands: Iterable[tuple[str, int, str]],
+                   convolution: bool = False, per_token: bool = False) -> None:
     """Raise ValueError unless every ``(role, bits, grid)`` is an operand the multiplier takes:
     at most 8 bits, a signed or auto-grid weight, an input on a grid it has a table for."""
     where = f"layer {setting.layer_name!r} (multiplier {setting.multiplier.name!r})"
+    if convolution and per_token:
+        raise ValueError(f"{where}: a convolution with a multiplier takes one input scale per tensor, and the input "
+                         "is per token; use granularity='per_tensor' for convolution inputs")
     for role, bits, grid in operands:
         if bits > 8:
             raise ValueError(f"{where}: the {role} is quantized to {bits} bits, but the multiplier takes 8-bit "
@@ -135,6 +141,12 @@ def check_operands(setting: MultiplierSetting, operands: Iterable[tuple[str, int
                              "signed (use grid='signed' for weights)")
         if role == "input" and grid in ("signed", "unsigned"):
             setting.multiplier.for_input(grid == "signed", where=where)
+        if role == "input" and grid == "auto" and setting.multiplier._builder is None:
+            # the auto grid puts non-negative tensors on the unsigned grid: a table made for one
+            # domain would fail mid-training on the first such input
+            raise ValueError(f"{where}: a table for the {setting.multiplier.domain} domain only, but the input is "
+                             f"on the 'auto' grid, which picks signed or unsigned per tensor; set the input grid to "
+                             f"{'signed' if setting.multiplier.input_signed else 'unsigned'!r}")
 
 
 def _install(layer: nn.Module, setting: MultiplierSetting | None) -> None:

@@ -174,7 +174,9 @@ def _plan_products(plans: dict[str, _LayerPlan], layer_settings: dict[str, dict[
                               "of both)", []).append(name)
             continue
         check_operands(setting, [("weight", spec.bits, spec.grid) for spec, *_ in plan.weights.values()]
-                       + [("input", spec.bits, spec.grid) for spec, _ in plan.inputs.values()])
+                       + [("input", spec.bits, spec.grid) for spec, _ in plan.inputs.values()],
+                       convolution=isinstance(plan.layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
+                       per_token=any(spec.granularity == "per_token" for spec, _ in plan.inputs.values()))
         settings[name] = setting
     if unable:
         described = "; ".join(f"{reason} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"

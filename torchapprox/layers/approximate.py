@@ -112,7 +112,8 @@ def _operands(layer: nn.Module, setting: MultiplierSetting, x: Tensor, weight: T
     _check_operand(setting, weight_qparams, "weight", weight)
     x_levels = _integer_levels(x_fake, qp)
     signed = _check_operand(setting, qp, "input", x_levels)
-    multiplier = setting.multiplier.for_input(signed, where=f"layer {setting.layer_name!r}")
+    multiplier = setting.multiplier.for_input(
+        signed, where=f"layer {setting.layer_name!r} (multiplier {setting.multiplier.name!r})")
     return x_levels, qp, weight, multiplier
 
 
@@ -137,8 +138,11 @@ def approximate_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor
         collector.record_products(layer, sums, F.linear(x_levels.detach().double(), w_levels.detach().double()))
     out = sums * qp.scale * _output_scale(scale)
     bias = quantized_bias(bias, weight_qparams, qp)
-    out = out.to(torch.promote_types(x.dtype, weight.dtype))
-    return out if bias is None else out + bias
+    # the dtype F.linear would give: autocast's, else the operands' promotion
+    device = x.device.type
+    autocast = torch.is_autocast_enabled(device) if device in ("cpu", "cuda") else False
+    dtype = torch.get_autocast_dtype(device) if autocast else torch.promote_types(x.dtype, weight.dtype)
+    return (out if bias is None else out + bias).to(dtype)
 
 
 def approximate_conv(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor | None, weight_qparams: QParams,

@@ -41,6 +41,8 @@ class Multiplier:
                  cost: float | None = None, decomposition: Decomposition | None = None,
                  builder: Callable[..., Multiplier] | None = None) -> None:
         self.table = _checked_table(table, "Multiplier")
+        if not isinstance(input_signed, bool):
+            raise TypeError(f"Multiplier: `input_signed` must be True or False, got {input_signed!r}")
         # builder(input_signed=...) makes this design for either input domain (the generators
         # pass themselves); a table from elsewhere has only the domain it was given for.
         self._builder = builder
