@@ -40,7 +40,9 @@ class ApproximateProducts(Callback):
         multiplier: a :class:`torchapprox.multipliers.Multiplier` (``drum(4)``,
             ``Multiplier.from_table(path)``, ...).
         start_epoch: the first epoch (0-based) that trains with approximate products; 0
-            (default) from the start; validation and test after it use them too.
+            (default) from the start; validation and test after it use them too. Set to
+            ``max_epochs``, the run trains exactly and its test measures the multiplier
+            dropped into the trained model (no retraining).
         pattern: fnmatch pattern(s) over layer names (default every layer that can take one).
         gradient: ``"ste"`` (the exact product's gradient) or ``"table"`` (the table's slopes).
         verbose: print the switch.
@@ -69,24 +71,31 @@ class ApproximateProducts(Callback):
 
     # --------------------------------------------------------------------------- the switch
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore(pl_module)
-        if not self.layers and trainer.current_epoch >= self.start_epoch:
-            self.layers = ta.set_multiplier(pl_module, self.multiplier, self.pattern, gradient=self.gradient)
-            if self.verbose:
-                rank_zero_info(f"ApproximateProducts: epoch {trainer.current_epoch}, {len(self.layers)} layers multiply "
-                               f"with {self.multiplier.name!r} from now on")
+        self._switch_when_due(trainer, pl_module)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore(pl_module)
 
     def on_validation_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore(pl_module)
+        self._switch_when_due(trainer, pl_module)
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        self._restore(pl_module)
+        self._switch_when_due(trainer, pl_module)
 
     def on_predict_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self._switch_when_due(trainer, pl_module)
+
+    def _switch_when_due(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Switch once ``start_epoch`` is reached. After fitting, ``trainer.current_epoch`` is
+        ``max_epochs``: ``start_epoch=max_epochs`` trains with exact products and tests the
+        trained model with the multiplier (its accuracy before any retraining)."""
         self._restore(pl_module)
+        if self.layers or trainer.current_epoch < self.start_epoch or not ta.quantized_layers(pl_module):
+            return
+        self.layers = ta.set_multiplier(pl_module, self.multiplier, self.pattern, gradient=self.gradient)
+        if self.verbose:
+            rank_zero_info(f"ApproximateProducts: epoch {trainer.current_epoch}, {len(self.layers)} layers multiply "
+                           f"with {self.multiplier.name!r} from now on")
 
     def _restore(self, pl_module: LightningModule) -> None:
         """Install a checkpoint's assignment once the quantizers are attached (the quantization

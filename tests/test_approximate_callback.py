@@ -102,3 +102,22 @@ def test_a_switch_the_operands_cannot_take_stops_the_run_naming_the_layer(tmp_pa
 def test_bad_arguments_are_named(kwargs, error, message):
     with pytest.raises(error, match=message):
         ApproximateProducts(**kwargs)
+
+
+def test_start_epoch_at_the_end_tests_the_multiplier_dropped_into_the_exactly_trained_model(tmp_path):
+    probe = MultiplierProbe()
+    seen = {}
+
+    class TestProbe(Callback):
+        def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            seen.update({layer: m.name for layer, m in ta.assigned_multipliers(pl_module).items()})
+
+    trainer = make_trainer(tmp_path, [qat(), ApproximateProducts(drum(2), start_epoch=2, verbose=False), probe,
+                                      TestProbe()], max_epochs=2)
+    model = TinyClassifier()
+    trainer.fit(model)
+    assert probe.train == {0: {}, 1: {}} and probe.val == {0: {}, 1: {}}
+    trainer.validate(model, verbose=False)  # an evaluation after fitting switches
+    assert ta.assigned_multipliers(model)
+    trainer.test(model, verbose=False)
+    assert seen == {"net.0": "drum(2)", "net.2": "drum(2)"}

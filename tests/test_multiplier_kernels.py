@@ -305,6 +305,23 @@ def test_conv_paths_equal_the_explicit_convolution(case):
                 assert out.shape == expected.shape and torch.equal(out.to(torch.int64), expected), (name, path)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_a_conv_reduction_past_float32_stays_exact(groups):
+    """400 input channels x 9 taps of extreme operands: sums far past 2^24, so the float32
+    convolutions run on chunks of input channels added in float64 (ungrouped) or in float64
+    (grouped); both give the table's integers."""
+    generator = torch.Generator().manual_seed(21)
+    for name in ("exact", "drum3", "truncated4"):
+        for input_signed in (True, False):
+            m = MULTIPLIERS[name](input_signed)
+            x = _levels((1, 400, 5, 5), input_signed, generator, extreme=True).double()
+            w = _weights((4, 400 // groups, 3, 3), generator, extreme=True).double()
+            expected = _explicit_conv(x, w, m, (1, 1), ((1, 1), (1, 1)), (1, 1), groups)
+            assert expected.abs().max() > 2 ** 24
+            out = tm.approx_conv_levels(x, w, m, 1, 1, 1, groups, path="decomposition")
+            assert out.dtype == torch.float64 and torch.equal(out.to(torch.int64), expected), (name, input_signed)
+
+
 def test_conv_decomposition_through_im2col_as_off_the_cpu(monkeypatch):
     """Devices whose convolution may not be exact take im2col + GEMM for the decomposition."""
     from torchapprox.multipliers import conv

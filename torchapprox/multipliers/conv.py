@@ -104,17 +104,31 @@ def _conv_products(x: Tensor, w: Tensor, x_idx: Tensor, w_idx: Tensor, multiplie
     if path == "decomposition" and on_cpu and (decomposition.zero_input_is_zero(multiplier.input_signed)
                                                or not any(padding)):
         conv = (F.conv1d, F.conv2d, F.conv3d)[dims - 1]
-        reduction = w.shape[1] * decomposition.rank
+        kernel = 1
         for k in w.shape[2:]:
-            reduction *= k
-        exact32 = decomposition.gemm_dtype == torch.float32 and reduction * decomposition.term_bound <= FLOAT32_EXACT
-        dtype = torch.float32 if exact32 else torch.float64
+            kernel *= k
+        # The most one input channel adds to an output: r features x kernel taps x the bound.
+        per_channel = decomposition.rank * kernel * decomposition.term_bound
+        in_channels = w.shape[1]
+        float32 = decomposition.gemm_dtype == torch.float32
+        # Input channels per float32 convolution whose sums stay below 2^24 (exact): one
+        # convolution when they all fit; chunks added in float64 when not (ungrouped), which
+        # is much faster than one float64 convolution; float64 otherwise.
+        chunk = FLOAT32_EXACT // per_channel if float32 else 0
+        dtype = torch.float32 if chunk >= in_channels or (chunk >= 1 and groups == 1) else torch.float64
         if multiplier.decomposition_is_identity:
             a, b = x.to(dtype), w.to(dtype)
         else:
             x_table, w_table = decomposition.factor_tables(x.device, dtype)
             a, b = _feature_channels(x_idx, x_table), _feature_channels(w_idx, w_table)
-        return conv(a, b, None, stride, padding, dilation, groups).to(out_dtype)
+        if dtype == torch.float64 or chunk >= in_channels:
+            return conv(a, b, None, stride, padding, dilation, groups).to(out_dtype)
+        width = chunk * decomposition.rank  # feature channels c * r + f: chunks on channel boundaries
+        total = None
+        for start in range(0, a.shape[1], width):
+            part = conv(a[:, start:start + width], b[:, start:start + width], None, stride, padding, dilation, 1)
+            total = part.double() if total is None else total + part
+        return total.to(out_dtype)
     if any(padding):  # table paths, and a decomposition whose zero input has features: pad explicitly
         x, x_idx = _pad(x, x_idx, [(p, p) for p in padding], multiplier.input_offset)
         padding = (0,) * dims
