@@ -3,7 +3,7 @@
     python -m experiments.multiplier_benchmark             # layer-sized problems (about a minute on 2 cores)
     python -m experiments.multiplier_benchmark --quick     # seconds: a smoke test of the benchmark itself
     python -m experiments.multiplier_benchmark --out mult.json
-    python -m experiments.multiplier_benchmark --training  # training steps of the benchmark CNN (a few minutes)
+    python -m experiments.multiplier_benchmark --training  # training steps of both CNNs (a few minutes)
 
 Problems (``out[m, n] = sum_k T[x[m, k], w[n, k]]``):
 
@@ -112,13 +112,15 @@ def main(argv: list[str] | None = None) -> dict:
                         help="torch threads (default: torch's; 1 gives steadier numbers on a shared machine)")
     parser.add_argument("--out", help="write the medians and ratios as JSON here")
     parser.add_argument("--training", action="store_true",
-                        help="instead: SGD steps of the benchmark CNN (batch 64, 8 bits) with each multiplier")
+                        help="instead: SGD steps of the benchmark CNN (32x32) and the digits CNN (8x8), batch 64, "
+                             "8 bits, with each multiplier")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     rounds = args.rounds or (3 if args.quick else 15)
     if args.training:
-        return bench_training_steps(2 if args.quick else 64, rounds, args.out)
+        return {model: bench_training_steps(model, 2 if args.quick else 64, rounds, args.out)
+                for model in ("benchmark CNN", "digits CNN")}
     if not cpu_extension.kernels_loaded():
         print("warning: the C++ kernels are not loaded; the table op runs the plain-torch reference")
     generator = torch.Generator().manual_seed(0)
@@ -156,20 +158,25 @@ TRAINING_MULTIPLIERS = {"drum(4)": lambda: tm.drum(4), "truncated(4)": lambda: t
                         "broken_array(2, 6)": lambda: tm.broken_array(2, 6), "mitchell (table)": tm.mitchell}
 
 
-def bench_training_steps(batch: int, rounds: int, out: str | None) -> dict:
-    """SGD steps of ``experiments.benchmark``'s CNN (8-bit weights and inputs, auto input grid)
-    with exact fake quantization and with each multiplier, as ratios to the fp32 step and to
-    the exact fake-quantized step; interleaved, medians."""
+def bench_training_steps(name: str, batch: int, rounds: int, out: str | None) -> dict:
+    """SGD steps of ``experiments.benchmark``'s CNN (32x32 inputs) or the digits CNN of
+    ``model=cnn`` (8x8), 8-bit weights and inputs, auto input grid, with exact fake
+    quantization and with each multiplier, as ratios to the fp32 step and to the exact
+    fake-quantized step; interleaved, medians."""
     import torchapprox as ta
     from experiments.benchmark import interleaved_medians, resnet_like
+    from experiments.models import ConvNet
 
     def step_of(multiplier: Callable[[], tm.Multiplier] | None, quantized: bool = True) -> Callable[[], None]:
         torch.manual_seed(0)
-        model = resnet_like()
+        if name == "digits CNN":
+            model, shape = ConvNet(in_channels=1, num_classes=10, channels=[32, 64, 128]), (batch, 1, 8, 8)
+        else:
+            model, shape = resnet_like(), (batch, 3, 32, 32)
         if quantized:
             ta.attach(model, 8, activation_grid="auto", multiplier=None if multiplier is None else multiplier())
         optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-        x, y = torch.randn(batch, 3, 32, 32), torch.randint(0, 10, (batch,))
+        x, y = torch.randn(*shape), torch.randint(0, 10, (batch,))
 
         def step() -> None:
             loss = F.cross_entropy(model(x), y)
@@ -182,7 +189,7 @@ def bench_training_steps(batch: int, rounds: int, out: str | None) -> dict:
     steps = {"fp32": step_of(None, quantized=False), "exact fake-quant": step_of(None)}
     steps.update({name: step_of(make) for name, make in TRAINING_MULTIPLIERS.items()})
     medians = interleaved_medians(steps, rounds, repeats=1)
-    print(f"Training step, benchmark CNN, batch {batch}, 8 bits, torch {torch.__version__}, "
+    print(f"Training step, {name}, batch {batch}, 8 bits, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads, {rounds} rounds (medians)")
     print(f"{'variant':28s} {'ms/step':>9s} {'x fp32':>8s} {'x fake-quant':>13s}")
     for name, seconds in medians.items():
@@ -190,7 +197,8 @@ def bench_training_steps(batch: int, rounds: int, out: str | None) -> dict:
               f"{seconds / medians['exact fake-quant']:13.2f}")
     results = {"batch": batch, "median_s": medians}
     if out:
-        with open(out, "w") as handle:
+        path = f"{out.removesuffix('.json')}.{name.split()[0]}.json"  # one file per model
+        with open(path, "w") as handle:
             json.dump(results, handle, indent=2)
     return results
 

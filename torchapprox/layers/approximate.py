@@ -97,7 +97,7 @@ def _check_operand(setting: MultiplierSetting, qp: QParams, role: str, levels: T
         return False
     if qp.qmax <= 127:
         return True
-    return bool((levels < 0).any())
+    return levels.numel() > 0 and bool(levels.detach().amin() < 0)
 
 
 def _operands(layer: nn.Module, setting: MultiplierSetting, x: Tensor, weight: Tensor, weight_qparams: QParams,

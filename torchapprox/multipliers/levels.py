@@ -40,7 +40,8 @@ def to_index(values: Tensor, offset: int, low: int, high: int, *, name: str, whe
     (``torchapprox::level_indices``); the errors of :func:`check_levels`."""
     if values.dtype == torch.bool or values.is_complex():
         check_levels(values, low, high, name=name, where=where, domain=domain)  # raises TypeError
-    index, bad = torch.ops.torchapprox.level_indices(values, offset, low, high)
+    # indices take no gradient: a detached input records no autograd node for the op
+    index, bad = torch.ops.torchapprox.level_indices(values.detach(), offset, low, high)
     if bad.item():
         check_levels(values, low, high, name=name, where=where, domain=domain)  # raises with the details
     return index
