@@ -332,3 +332,23 @@ def test_under_autocast_a_linear_layer_gives_autocast_s_dtype_as_without_a_multi
         expected, got = plain(x), approximate(x)
     assert got.dtype == expected.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected.float(), rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("multiplier", [exact(), mitchell(), drum(4)], ids=lambda m: m.name)
+def test_torch_func_grad_through_approximate_layers_equals_autograd(multiplier):
+    net = nn.Sequential(nn.Conv2d(2, 4, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 5 * 5, 3))
+    ta.attach(net, multiplier=multiplier)
+    x = torch.randn(2, 2, 5, 5)
+    params = {k: v.detach() for k, v in net.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(net, p, (x,)).square().sum())(params)
+    net(x).square().sum().backward()
+    for name, parameter in net.named_parameters():
+        torch.testing.assert_close(grads[name], parameter.grad, msg=name)
+
+
+def test_the_table_gradient_under_torch_func_is_a_clear_error():
+    layer = nn.Linear(4, 3)
+    ta.attach(layer, multiplier=mitchell(), multiplier_gradient="table")
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+    with pytest.raises(RuntimeError, match="'table' gradient .* cannot run under torch.func .* use gradient='ste'"):
+        torch.func.grad(lambda p: torch.func.functional_call(layer, p, (torch.randn(2, 4),)).sum())(params)

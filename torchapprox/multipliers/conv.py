@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..quantizers.ops import apply, with_eager_twin
 from .decomposition import FLOAT32_EXACT, features
 from .functional import (_apply_ste_or_table, _check_gradient, _check_levels_tensor, _check_multiplier,
                          _grouped_products, _input_index, _table_sums, _weight_index, select_path)
@@ -77,7 +78,7 @@ def approx_conv_levels(x: Tensor, w: Tensor, multiplier: Multiplier, stride: int
             x, x_idx = _pad(x, x_idx, pads, offset)
         conv_padding = tuple(before for before, _ in pads) if symmetric else (0,) * dims
         arguments = (x, w, x_idx, w_idx, multiplier, path, conv_padding, geometry, out_dtype)
-        out = _ApproxConv.apply(*arguments) if differentiable else _conv_products(*arguments)
+        out = apply(_ApproxConv, *arguments) if differentiable else _conv_products(*arguments)
     return out[0] if unbatched else out
 
 
@@ -191,14 +192,20 @@ def _conv_through_matmul(x: Tensor, w: Tensor, x_idx: Tensor, w_idx: Tensor, mul
     return _columns_to_image(out3, x.shape[0], patches.shape[1], w.shape[0], out_spatial)
 
 
+@with_eager_twin
 class _ApproxConv(torch.autograd.Function):
-    """Approximate convolution with the straight-through gradient of the exact convolution."""
+    """Approximate convolution with the straight-through gradient of the exact convolution
+    (setup_context style for torch.func; ``apply`` runs the old-style twin otherwise)."""
 
     @staticmethod
-    def forward(ctx, x, w, x_idx, w_idx, multiplier, path, padding, geometry, out_dtype):
+    def forward(x, w, x_idx, w_idx, multiplier, path, padding, geometry, out_dtype):
+        return _conv_products(x, w, x_idx, w_idx, multiplier, path, padding, geometry, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, _, _, _, _, padding, geometry, _ = inputs
         ctx.save_for_backward(x, w)
         ctx.padding, ctx.geometry = padding, geometry
-        return _conv_products(x, w, x_idx, w_idx, multiplier, path, padding, geometry, out_dtype)
 
     @staticmethod
     def backward(ctx, grad):

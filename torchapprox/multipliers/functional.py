@@ -36,6 +36,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..quantizers.ops import _functorch_transforms_active, apply, with_eager_twin
 from . import reference
 from .cpu_extension import kernels_loaded
 from .decomposition import exact_bmm, features
@@ -128,19 +129,26 @@ def _table_sums(x_idx: Tensor, w_idx: Tensor, multiplier: Multiplier, path: str)
 def _apply_ste_or_table(x3: Tensor, w3: Tensor, x_idx: Tensor, w_idx: Tensor, multiplier: Multiplier, path: str,
                         gradient: str, out_dtype: torch.dtype) -> Tensor:
     if torch.is_grad_enabled() and (x3.requires_grad or w3.requires_grad):
-        return _ApproxMatmul.apply(x3, w3, x_idx, w_idx, multiplier, path, gradient, out_dtype)
+        return apply(_ApproxMatmul, x3, w3, x_idx, w_idx, multiplier, path, gradient, out_dtype)
     return _grouped_products(x3, w3, x_idx, w_idx, multiplier, path, out_dtype)
 
 
+@with_eager_twin
 class _ApproxMatmul(torch.autograd.Function):
-    """Grouped approximate matmul of levels with the "ste" or "table" gradient."""
+    """Grouped approximate matmul of levels with the "ste" or "table" gradient (a
+    setup_context Function, so that torch.func transforms take it; ``apply`` runs its
+    old-style twin otherwise)."""
 
     @staticmethod
-    def forward(ctx, x3, w3, x_idx, w_idx, multiplier, path, gradient, out_dtype):
+    def forward(x3, w3, x_idx, w_idx, multiplier, path, gradient, out_dtype):
+        return _grouped_products(x3, w3, x_idx, w_idx, multiplier, path, out_dtype)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x3, w3, x_idx, w_idx, multiplier, _, gradient, _ = inputs
         ctx.multiplier, ctx.gradient = multiplier, gradient
         ctx.dtypes = (x3.dtype, w3.dtype)
         ctx.save_for_backward(*((x3, w3) if gradient == "ste" else (x_idx, w_idx)))
-        return _grouped_products(x3, w3, x_idx, w_idx, multiplier, path, out_dtype)
 
     @staticmethod
     def backward(ctx, grad):
@@ -150,6 +158,10 @@ class _ApproxMatmul(torch.autograd.Function):
             grad_x = torch.bmm(grad, b.to(grad.dtype)) if need_x else None
             grad_w = torch.bmm(grad.transpose(1, 2), a.to(grad.dtype)) if need_w else None
         else:  # a, b: the input and weight indices
+            if _functorch_transforms_active():
+                # table_slope_matmul has no derivative of its own, which torch.func's backward needs
+                raise RuntimeError("the 'table' gradient of an approximate multiplier cannot run under torch.func "
+                                   "transforms (grad, jacrev, ...); use gradient='ste' there")
             dx, dw = ctx.multiplier.slope_tables(grad.device, grad.dtype)
             op = torch.ops.torchapprox.table_slope_matmul
             grad_x = op(grad.contiguous(), a, b, dx) if need_x else None
