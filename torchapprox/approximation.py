@@ -91,25 +91,39 @@ def plan_multipliers(layers: Mapping[str, nn.Module], multiplier: Multiplier | N
             settings[name] = setting
         else:
             unable.setdefault(reason, []).append(name)
-    if unable:
-        described = "; ".join(f"{reason} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
-                              for reason, names in unable.items())
-        if not settings:
-            raise ValueError(f"no matching layer can take multiplier {multiplier.name!r}: {described}")
-        warnings.warn(f"multiplier {multiplier.name!r}: these layers keep exact products: {described}",
-                      UserWarning, stacklevel=3)
+    report_unable(unable, bool(settings), f"no matching layer can take multiplier {multiplier.name!r}",
+                  f"multiplier {multiplier.name!r}")
     return settings
+
+
+def report_unable(unable: Mapping[str, list[str]], some_can: bool, error: str, warning: str) -> None:
+    """``{reason: layer names}`` of layers that cannot take a multiplier: a ValueError
+    (``error: reasons``) when none of the layers asked can, else a warning naming them."""
+    if not unable:
+        return
+    described = "; ".join(f"{reason} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
+                          for reason, names in unable.items())
+    if not some_can:
+        raise ValueError(f"{error}: {described}")
+    warnings.warn(f"{warning}: these layers keep exact products: {described}", UserWarning, stacklevel=4)
+
+
+def why_not(layer_type_name: str, takes_multiplier: bool, both_quantized: bool) -> str | None:
+    """Why a layer cannot take a multiplier, or None."""
+    if not takes_multiplier:
+        return f"{layer_type_name} cannot take a multiplier (only Linear, Conv1d/2d/3d and transformers' Conv1D can)"
+    if not both_quantized:
+        return "the weight or the input is not quantized (a multiplier multiplies integer levels of both)"
+    return None
 
 
 def _why_not(layer: nn.Module, quantizers: bool = True) -> str | None:
     layer_type = find_layer_type(layer)
-    if layer_type is None or not layer_type.multiplier:
-        name = type(layer).__name__ if layer_type is None else layer_type.name
-        return f"{name} cannot take a multiplier (only Linear, Conv1d/2d/3d and transformers' Conv1D can)"
-    if quantizers and (not any(quantizer_of(layer, w) for w in layer_type.weight_axes(layer))
-                       or not any(quantizer_of(layer, i) for i in layer_type.inputs)):
-        return "the weight or the input is not quantized (a multiplier multiplies integer levels of both)"
-    return None
+    if layer_type is None:
+        return why_not(type(layer).__name__, False, False)
+    both = not quantizers or (any(quantizer_of(layer, w) for w in layer_type.weight_axes(layer))
+                              and any(quantizer_of(layer, i) for i in layer_type.inputs))
+    return why_not(layer_type.name, layer_type.multiplier, both)
 
 
 def check_layer(layer: nn.Module, setting: MultiplierSetting) -> None:

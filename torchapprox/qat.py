@@ -12,7 +12,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from .approximation import (check_operands, install_multipliers, multiplier_state, multipliers_from_state,
-                            remove_multiplier)
+                            remove_multiplier, report_unable, why_not)
 from .layers import find_layer_type
 from .layers.approximate import MultiplierSetting
 from .layers.functional import quantizer_of
@@ -165,25 +165,16 @@ def _plan_products(plans: dict[str, _LayerPlan], layer_settings: dict[str, dict[
         if chosen is None:
             continue
         setting = MultiplierSetting(chosen, layer_settings[name].get("multiplier_gradient", gradient), name)
-        if not plan.layer_type.multiplier:
-            unable.setdefault(f"{plan.layer_type.name} cannot take a multiplier (only Linear, Conv1d/2d/3d and "
-                              "transformers' Conv1D can)", []).append(name)
-            continue
-        if not plan.weights or not plan.inputs:
-            unable.setdefault("the weight or the input is not quantized (a multiplier multiplies integer levels "
-                              "of both)", []).append(name)
+        reason = why_not(plan.layer_type.name, plan.layer_type.multiplier, bool(plan.weights and plan.inputs))
+        if reason is not None:
+            unable.setdefault(reason, []).append(name)
             continue
         check_operands(setting, [("weight", spec.bits, spec.grid) for spec, *_ in plan.weights.values()]
                        + [("input", spec.bits, spec.grid) for spec, _ in plan.inputs.values()],
                        convolution=isinstance(plan.layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)),
                        per_token=any(spec.granularity == "per_token" for spec, _ in plan.inputs.values()))
         settings[name] = setting
-    if unable:
-        described = "; ".join(f"{reason} ({', '.join(names[:5])}{' ...' if len(names) > 5 else ''})"
-                              for reason, names in unable.items())
-        if not settings:
-            raise ValueError(f"attach: no layer can take the multiplier: {described}")
-        warnings.warn(f"attach: these layers keep exact products: {described}", UserWarning, stacklevel=3)
+    report_unable(unable, bool(settings), "attach: no layer can take the multiplier", "attach")
     return settings
 
 

@@ -101,8 +101,9 @@ def _check_operand(setting: MultiplierSetting, qp: QParams, role: str, levels: T
 
 
 def _operands(layer: nn.Module, setting: MultiplierSetting, x: Tensor, weight: Tensor, weight_qparams: QParams,
-              name: str) -> tuple[Tensor, QParams, Tensor, Multiplier]:
-    """(input levels, input parameters, weight, the multiplier for the input's domain)."""
+              name: str) -> tuple[Tensor, QParams, Multiplier]:
+    """(input levels, input parameters, the multiplier for the input's domain), the weight's
+    parameters checked."""
     quantizer = quantizer_of(layer, name)
     if quantizer is None or weight_qparams is None:
         raise ValueError(f"layer {setting.layer_name!r}: a multiplier multiplies integer levels, so the layer's "
@@ -114,7 +115,7 @@ def _operands(layer: nn.Module, setting: MultiplierSetting, x: Tensor, weight: T
     signed = _check_operand(setting, qp, "input", x_levels)
     multiplier = setting.multiplier.for_input(
         signed, where=f"layer {setting.layer_name!r} (multiplier {setting.multiplier.name!r})")
-    return x_levels, qp, weight, multiplier
+    return x_levels, qp, multiplier
 
 
 def _output_scale(weight_scale: Tensor) -> Tensor:
@@ -129,7 +130,7 @@ def approximate_linear(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor
     """A linear layer with approximate products: ``weight`` [N, K] already fake-quantized
     (``weight_layout_transposed``: it is the transpose of the quantized tensor, whose
     parameters ``weight_qparams`` describe, as transformers' Conv1D stores it)."""
-    x_levels, qp, weight, multiplier = _operands(layer, setting, x, weight, weight_qparams, name)
+    x_levels, qp, multiplier = _operands(layer, setting, x, weight, weight_qparams, name)
     scale = weight_qparams.scale.t() if weight_layout_transposed and weight_qparams.scale.dim() else weight_qparams.scale
     w_levels = _integer_levels(weight, weight_qparams._replace(scale=scale))
     sums = approx_linear_levels(x_levels, w_levels, multiplier, gradient=setting.gradient)
@@ -152,7 +153,7 @@ def approximate_conv(layer: nn.Module, x: Tensor, weight: Tensor, bias: Tensor |
     if x.dim() == weight.dim() - 1:  # unbatched: quantized as a batch of one, as the exact layer does
         return approximate_conv(layer, x[None], weight, bias, weight_qparams, setting, stride, padding, dilation,
                                 groups, name)[0]
-    x_levels, qp, weight, multiplier = _operands(layer, setting, x, weight, weight_qparams, name)
+    x_levels, qp, multiplier = _operands(layer, setting, x, weight, weight_qparams, name)
     w_levels = _integer_levels(weight, weight_qparams)
     if qp.scale.dim():
         raise ValueError(f"layer {setting.layer_name!r}: a convolution with a multiplier takes one input scale per "
