@@ -1,6 +1,7 @@
 """torchapprox: quantization-aware training for PyTorch (this package needs torch only)."""
 
 from .approximation import assigned_multipliers, set_multiplier
+from .assignment import Assignment, assign_bitwidths
 from .calibration import calibrate
 from .coverage import coverage, coverage_summary
 from .export import export_onnx
@@ -8,15 +9,19 @@ from .layers import register_layer
 from .qat import (attach, detach, float_state_dict, load_quantizer_state, quantization_state, quantized_layers, quantizer_state,
                   restore_quantization, set_bitwidth, synchronize_quantizers)
 from .quantizers import ApproxQuantizer, LSQQuant, MinMaxQuant, QParams, register_quantizer
+from .sensitivity import Sensitivity, rank_correlation, sensitivity
 from .spec import QuantSpec
 from .statistics import collect_statistics, enable_statistics, statistics
 
 __all__ = [
     "ApproxQuantizer",
+    "Assignment",
     "LSQQuant",
     "MinMaxQuant",
     "QParams",
     "QuantSpec",
+    "Sensitivity",
+    "assign_bitwidths",
     "attach",
     "assigned_multipliers",
     "calibrate",
@@ -31,9 +36,11 @@ __all__ = [
     "quantization_state",
     "quantized_layers",
     "quantizer_state",
+    "rank_correlation",
     "register_layer",
     "register_quantizer",
     "restore_quantization",
+    "sensitivity",
     "set_bitwidth",
     "set_multiplier",
     "statistics",

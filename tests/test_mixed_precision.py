@@ -1,0 +1,180 @@
+"""Per-layer precision under a budget (issue 23): the exact solver against brute force, the
+budget arithmetic against hand-computed sizes and bit-operations, and sensitivity that
+leaves the model as it was and predicts the measured loss increase on a trained model."""
+
+import itertools
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import torchapprox as ta
+from torchapprox.sensitivity import Sensitivity
+
+
+def brute_force(sens, budget, choices, cost):
+    from torchapprox.assignment import layer_costs
+
+    costs = layer_costs(sens.params, sens.macs, choices, cost)
+    layers = list(sens.values)
+    best = None
+    for picked in itertools.product(choices, repeat=len(layers)):
+        total = sum(costs[layer][b] for layer, b in zip(layers, picked))
+        if total > budget * (1 + 1e-12):
+            continue
+        value = sum(sens.values[layer][b] for layer, b in zip(layers, picked))
+        if best is None or value < best[0] - 1e-12:
+            best = (value, total)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(30))
+def test_the_solver_equals_brute_force(seed):
+    rng = random.Random(seed)
+    choices = (2, 3, 4, 8)
+    layers = [f"l{i}" for i in range(rng.randint(1, 6))]
+    values = {}
+    for layer in layers:  # decreasing in bits, as sensitivities are, with noise (even negative)
+        base = rng.uniform(0.01, 5)
+        values[layer] = {b: base / 4 ** b * rng.uniform(0.5, 1.5) - rng.uniform(0, 1e-4) for b in choices}
+    sens = Sensitivity(values, {layer: rng.randint(10, 5000) for layer in layers},
+                       {layer: rng.randint(100, 10 ** 6) for layer in layers}, "test", 0)
+    for cost in ("weights", "bytes", "bit_operations"):
+        from torchapprox.assignment import layer_costs
+
+        costs = layer_costs(sens.params, sens.macs, choices, cost)
+        low = sum(min(c.values()) for c in costs.values())
+        high = sum(max(c.values()) for c in costs.values())
+        for fraction in (0.0, 0.1, 0.35, 0.6, 1.0):
+            budget = low + fraction * (high - low)
+            assignment = ta.assign_bitwidths(sens, budget, choices, cost)
+            expected_value, _ = brute_force(sens, budget, choices, cost)
+            assert assignment.sensitivity == pytest.approx(expected_value, abs=1e-12)
+            assert assignment.cost <= budget * (1 + 1e-12)
+            assert sum(costs[layer][b] for layer, b in assignment.bits.items()) == pytest.approx(assignment.cost)
+
+
+def small_sensitivity():
+    # params: 1000 and 3000; MACs per sample: 5000 and 2000
+    return Sensitivity({"a": {2: 1.0, 4: 0.1, 8: 0.0}, "b": {2: 0.5, 4: 0.05, 8: 0.0}},
+                       {"a": 1000, "b": 3000}, {"a": 5000, "b": 2000}, "test", 0)
+
+
+def test_budgets_by_hand():
+    sens = small_sensitivity()
+    # average bits: (1000 * 8 + 3000 * 2) / 4000 = 3.5 fits 3.5; (1000*2 + 3000*4)/4000 = 3.5 too:
+    # the first predicts 0.5, the second 1.05
+    assignment = ta.assign_bitwidths(sens, 3.5, (2, 4, 8), "weights")
+    assert assignment.bits == {"a": 8, "b": 2} and assignment.cost == pytest.approx(3.5)
+    assert assignment.rules == {"a": {"bits": 8}, "b": {"bits": 2}}
+    # bytes: a at 4 bits = 500 B, b at 4 bits = 1500 B: 2000 B; a at 8 and b at 2: 1000 + 750 = 1750 B
+    assignment = ta.assign_bitwidths(sens, 1750, (2, 4, 8), "bytes")
+    assert assignment.bits == {"a": 8, "b": 2} and assignment.cost == pytest.approx(1750)
+    # bit-operations: 5000 * 4 * 4 + 2000 * 4 * 4 = 112000; a at 8, b at 2: 320000 + 8000
+    assignment = ta.assign_bitwidths(sens, 112000, (2, 4, 8), "bit_operations")
+    assert assignment.bits == {"a": 4, "b": 4} and assignment.cost == 112000
+    assert "bit_operations: 112000 of a budget of 112000" in assignment.table()
+
+
+@pytest.mark.parametrize("call, error, message", [
+    (lambda s: ta.assign_bitwidths(s, 1.9), ValueError,
+     r"budget 1.9 \(weights\) is infeasible: the smallest feasible budget with choices \[2, 3, 4, 8\] is 2"),
+    (lambda s: ta.assign_bitwidths(s, 3, choices=(2, 3)), ValueError, r"layer 'a' has no sensitivity at \[3\] bits"),
+    (lambda s: ta.assign_bitwidths(s, 3, choices=(1, 2)), ValueError, r"`choices` must hold ints in 2..32, got 1"),
+    (lambda s: ta.assign_bitwidths(s, 0), ValueError, "`budget` must be a positive number, got 0"),
+    (lambda s: ta.assign_bitwidths(s, 3, cost="flops"), ValueError, "`cost` must be one of 'weights', 'bytes'"),
+    (lambda s: ta.assign_bitwidths({"a": {2: 1.0}}, 3), TypeError, "`sensitivity` must be what ta.sensitivity"),
+])
+def test_bad_arguments_are_named(call, error, message):
+    sens = small_sensitivity()
+    sens.values["a"][3] = sens.values["b"][3] = 0.2
+    if "no sensitivity" in message:
+        del sens.values["a"][3]
+    with pytest.raises(error, match=message):
+        call(sens)
+
+
+def test_bit_operations_need_counted_macs():
+    sens = small_sensitivity()
+    sens.macs["b"] = None
+    with pytest.raises(ValueError, match="multiply-accumulates of layer 'b' were not counted"):
+        ta.assign_bitwidths(sens, 10 ** 9, (2, 4, 8), "bit_operations")
+
+
+# --------------------------------------------------------------------------- sensitivity
+def digits_model_and_batches(train_steps=150):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = torch.tensor(digits.data, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16
+    y = torch.tensor(digits.target)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(),
+                          nn.Flatten(), nn.Linear(16 * 64, 32), nn.ReLU(), nn.Linear(32, 10))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    for step in range(train_steps):
+        index = torch.randint(0, 1500, (64,))
+        loss = F.cross_entropy(model(x[index]), y[index])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    batches = [(x[1500 + 64 * i:1500 + 64 * (i + 1)], y[1500 + 64 * i:1500 + 64 * (i + 1)]) for i in range(4)]
+    return model, batches
+
+
+def loss_fn(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+@pytest.mark.parametrize("method", ["hessian", "direct"])
+def test_sensitivity_leaves_the_model_and_the_random_state_as_they_were(method):
+    model, batches = digits_model_and_batches(train_steps=5)
+    ta.attach(model, 8, weight={"quantizer": "lsq"}, input={"grid": "auto", "range": "running"})
+    model.train()
+    model(batches[0][0])  # running ranges and learned steps hold state
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    bits = [q.bitwidth for q in model.modules() if isinstance(q, ta.ApproxQuantizer)]
+    rng = torch.get_rng_state()
+    result = ta.sensitivity(model, batches, loss_fn, (2, 4), method=method)
+    assert model.training and torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+    assert [q.bitwidth for q in model.modules() if isinstance(q, ta.ApproxQuantizer)] == bits
+    assert set(result.values) == {"0", "2", "5", "7"} and all(set(v) == {2, 4} for v in result.values.values())
+    # the counts by hand: parameters of each weight, MACs per sample (8x8 outputs, 3x3 taps)
+    assert result.params == {"0": 72, "2": 1152, "5": 32768, "7": 320}
+    assert result.macs == {"0": 64 * 8 * 9, "2": 64 * 16 * 8 * 9, "5": 1024 * 32, "7": 320}
+    assert result.passes == (4 * (1 + 4 * 2) if method == "direct" else 4 * (2 + 4))
+
+
+def test_direct_sensitivity_is_the_measured_loss_increase():
+    model, batches = digits_model_and_batches(train_steps=40)
+    ta.attach(model, 8)
+    result = ta.sensitivity(model, batches, loss_fn, (3,), method="direct")
+    with torch.no_grad():
+        reference = sum(float(loss_fn(model.eval(), b)) for b in batches) / 4
+        model[2].weight_quantizer.bitwidth = model[2].input_quantizer.bitwidth = 3
+        lowered = sum(float(loss_fn(model, b)) for b in batches) / 4
+    assert result.values["2"][3] == pytest.approx(lowered - reference, rel=1e-6, abs=1e-9)
+
+
+def test_the_hessian_method_finds_the_most_sensitive_layer_on_a_trained_model():
+    model, batches = digits_model_and_batches()
+    ta.attach(model, 8, input={"grid": "auto"})
+    predicted = ta.sensitivity(model, batches, loss_fn, (2, 3, 4), method="hessian", samples=8)
+    measured = ta.sensitivity(model, batches, loss_fn, (2, 3, 4), method="direct")
+    assert all(v >= 0 for by_bits in predicted.values.values() for v in by_bits.values())
+    assert all(predicted.values[layer][2] > predicted.values[layer][3] > predicted.values[layer][4]
+               for layer in predicted.values)
+    at_two = {layer: predicted.values[layer][2] for layer in predicted.values}
+    assert max(at_two, key=at_two.get) == max(measured.values, key=lambda layer: measured.values[layer][2]) == "7"
+    assert -1.0 <= ta.rank_correlation(predicted, measured) <= 1.0
+
+
+def test_rank_correlation_by_hand():
+    a = Sensitivity({"x": {2: 3.0, 4: 1.0}, "y": {2: 2.0, 4: 0.0}}, {}, {}, "a", 0)
+    b = Sensitivity({"x": {2: 30.0, 4: 10.0}, "y": {2: 20.0, 4: 5.0}}, {}, {}, "b", 0)
+    assert ta.rank_correlation(a, b) == pytest.approx(1.0)
+    c = Sensitivity({"x": {2: 0.0, 4: 1.0}, "y": {2: 2.0, 4: 3.0}}, {}, {}, "c", 0)
+    assert ta.rank_correlation(a, c) == pytest.approx(-0.8)  # ranks 3,1,2,0 against 0,1,2,3: 1 - 6*18/(4*15)

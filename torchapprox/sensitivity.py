@@ -1,0 +1,319 @@
+"""How much each quantized layer's loss would grow at each bitwidth: ``ta.sensitivity``.
+
+Two methods, both on a copy of the model in eval mode (the model itself, its quantizers and
+the global random state are left as they were), on the batches given:
+
+- ``"hessian"`` (HAWQ-V2: Dong et al., "HAWQ-V2: Hessian Aware trace-Weighted Quantization of
+  Neural Networks", NeurIPS 2020): the second-order Taylor estimate of the loss increase with
+  an isotropic Hessian per tensor, ``1/2 * Tr(H) / n * ||Q_b(t) - t||^2``, summed over the
+  layer's weight and its input (the input term as in HAWQ-V3's activation sensitivity). The
+  traces come from Hutchinson's estimator ``Tr(H) = E[v^T H v]`` with Rademacher ``v``
+  (``samples`` Hessian-vector products per batch; a negative estimate counts as 0) on the
+  float model (quantizers removed),
+  and the quantization error ``||Q_b(t) - t||^2`` from the layer's own quantizers set to ``b``
+  bits. Cost per batch: one forward, one backward with a graph, ``samples`` double-backward
+  passes.
+- ``"direct"``: the measured loss increase with only that layer (weight and input) lowered to
+  ``b`` bits, the others as they are: ``L(layer at b) - L(model as it is)``, averaged over
+  the batches. Cost: ``1 + layers * len(bitwidths)`` forward passes per batch.
+
+A batch is whatever ``loss_fn(model, batch)`` takes (a scalar loss comes back); its first
+element (or the batch itself, for a tensor) has the batch dimension first, which is how
+multiply-accumulates per sample are counted (Linear, Conv1d/2d/3d, transformers' Conv1D,
+MultiheadAttention's input projection; other types count None).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import numbers
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .layers import find_layer_type
+from .layers.functional import quantizer_of
+
+METHODS = ("hessian", "direct")
+
+
+@dataclasses.dataclass
+class Sensitivity:
+    """What :func:`sensitivity` measured.
+
+    ``values``: ``{layer: {bits: predicted loss increase}}`` (in the loss's units);
+    ``params``: quantized weight parameters per layer; ``macs``: multiply-accumulates per
+    sample (None where not counted); ``method``; ``passes``: forward passes over the batches
+    (a backward or Hessian-vector product counts as one more each).
+    """
+
+    values: dict[str, dict[int, float]]
+    params: dict[str, int]
+    macs: dict[str, int | None]
+    method: str
+    passes: int
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values (checkpoint state, JSON)."""
+        return {"values": {layer: {int(b): float(v) for b, v in by_bits.items()} for layer, by_bits in self.values.items()},
+                "params": dict(self.params), "macs": dict(self.macs), "method": self.method, "passes": self.passes}
+
+    @classmethod
+    def from_dict(cls, state: dict[str, Any]) -> Sensitivity:
+        return cls({layer: {int(b): float(v) for b, v in by_bits.items()} for layer, by_bits in state["values"].items()},
+                   dict(state["params"]), dict(state["macs"]), str(state["method"]), int(state["passes"]))
+
+
+def sensitivity(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor],
+                bitwidths: Sequence[int] = (2, 3, 4, 8), method: str = "hessian", samples: int = 4,
+                seed: int = 0) -> Sensitivity:
+    """Per quantized layer and bitwidth, a number that predicts the loss increase of
+    quantizing that layer's weight and input at those bits (module docstring).
+
+    Args:
+        model: a model with quantizers (``ta.attach``); left unchanged.
+        batches: an iterable of batches (a DataLoader, a list), read once.
+        loss_fn: ``loss_fn(model, batch) -> scalar tensor``.
+        bitwidths: the candidate bits.
+        method: ``"hessian"`` or ``"direct"``.
+        samples: Hutchinson samples per batch (``"hessian"``).
+        seed: of the Rademacher vectors (a generator of its own).
+
+    Raises:
+        TypeError, ValueError: a bad argument (named), a model without quantized layers, no
+            batches, a loss that is not a scalar.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"`method` must be one of {', '.join(map(repr, METHODS))}, got {method!r}")
+    if isinstance(samples, bool) or not isinstance(samples, numbers.Integral) or samples < 1:
+        raise ValueError(f"`samples` must be an int >= 1, got {samples!r}")
+    bitwidths = _check_bitwidths(bitwidths)
+    from .qat import quantized_layers
+
+    if not quantized_layers(model):
+        raise ValueError("`model` has no quantized layers: call ta.attach(model) first")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("`batches` is empty: sensitivity needs at least one batch")
+    work = copy.deepcopy(model).eval()
+    layers = quantized_layers(work)
+    params = {name: sum(getattr(layer, w).numel() for w in _weights(layer)) for name, layer in layers.items()}
+    macs = _count_macs(work, layers, batches[0], loss_fn)
+    if method == "direct":
+        values, passes = _direct(work, layers, batches, loss_fn, bitwidths)
+    else:
+        values, passes = _hessian(work, layers, batches, loss_fn, bitwidths, samples, seed)
+    return Sensitivity(values, params, macs, method, passes)
+
+
+def _check_bitwidths(bitwidths: Sequence[int]) -> tuple[int, ...]:
+    if isinstance(bitwidths, (str, bytes)) or not isinstance(bitwidths, Sequence) or not bitwidths:
+        raise ValueError(f"`bitwidths` must be a non-empty sequence of ints in 2..32, got {bitwidths!r}")
+    for b in bitwidths:
+        if isinstance(b, bool) or not isinstance(b, numbers.Integral) or not 2 <= b <= 32:
+            raise ValueError(f"`bitwidths` must hold ints in 2..32, got {b!r} in {list(bitwidths)!r}")
+    return tuple(sorted(set(int(b) for b in bitwidths)))
+
+
+def _weights(layer: nn.Module) -> tuple[str, ...]:
+    from .qat import quantized_tensor_names
+
+    return quantized_tensor_names(layer)[0]
+
+
+def _inputs(layer: nn.Module) -> tuple[str, ...]:
+    from .qat import quantized_tensor_names
+
+    return quantized_tensor_names(layer)[1]
+
+
+def _loss(model: nn.Module, batch: Any, loss_fn: Callable) -> Tensor:
+    loss = loss_fn(model, batch)
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        raise ValueError(f"`loss_fn` must return a scalar tensor, got {type(loss).__name__}"
+                         f"{'' if not isinstance(loss, Tensor) else ' of shape ' + str(list(loss.shape))}")
+    return loss.reshape(())
+
+
+def _batch_size(batch: Any) -> int:
+    first = batch[0] if isinstance(batch, (tuple, list)) else batch
+    return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else 1
+
+
+# ------------------------------------------------------------------------------ MACs
+def _macs_of(layer: nn.Module, inputs: tuple, output: Any) -> int | None:
+    """Multiply-accumulates of one call (all samples)."""
+    out = output[0] if isinstance(output, tuple) else output
+    if not isinstance(out, Tensor):
+        return None
+    if isinstance(layer, nn.Linear):
+        return out.numel() * layer.in_features
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        taps = 1
+        for k in layer.kernel_size:
+            taps *= k
+        return out.numel() * (layer.in_channels // layer.groups) * taps
+    if isinstance(layer, nn.MultiheadAttention):  # the input projection of query, key and value
+        tokens = inputs[0].numel() // layer.embed_dim if inputs else 0
+        return tokens * 3 * layer.embed_dim * layer.embed_dim
+    layer_type = find_layer_type(layer)
+    if layer_type is not None and layer_type.name == "transformers.pytorch_utils.Conv1D":
+        return out.numel() * layer.weight.shape[0]
+    return None
+
+
+@torch.no_grad()
+def _count_macs(work: nn.Module, layers: dict[str, nn.Module], batch: Any, loss_fn: Callable) -> dict[str, int | None]:
+    counted: dict[str, int | None] = {name: 0 for name in layers}
+
+    def hook(name):
+        def record(layer, inputs, output):
+            macs = _macs_of(layer, inputs, output)
+            counted[name] = None if macs is None or counted[name] is None else counted[name] + macs
+        return record
+
+    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    try:
+        _loss(work, batch, loss_fn)
+    finally:
+        for handle in handles:
+            handle.remove()
+    size = _batch_size(batch)
+    return {name: None if value is None else value // size for name, value in counted.items()}
+
+
+# ------------------------------------------------------------------------------ direct
+def _saved(quantizers: list) -> list[tuple[Any, Any, dict]]:
+    return [(q, q.spec, {k: v.clone() for k, v in q.state_dict().items()}) for q in quantizers]
+
+
+def _restore(saved: list[tuple[Any, Any, dict]]) -> None:
+    for quantizer, spec, state in saved:
+        quantizer.spec = spec  # not the bitwidth setter: no on_bitwidth_change on the way back
+        quantizer.load_state_dict(state)
+
+
+@torch.no_grad()
+def _direct(work, layers, batches, loss_fn, bitwidths):
+    def mean_loss() -> float:
+        return sum(float(_loss(work, batch, loss_fn)) for batch in batches) / len(batches)
+
+    reference = mean_loss()
+    values: dict[str, dict[int, float]] = {}
+    for name, layer in layers.items():
+        quantizers = [q for t in (*_weights(layer), *_inputs(layer)) if (q := quantizer_of(layer, t)) is not None]
+        values[name] = {}
+        for bits in bitwidths:
+            saved = _saved(quantizers)
+            try:
+                for quantizer in quantizers:
+                    quantizer.bitwidth = bits
+                values[name][bits] = mean_loss() - reference
+            finally:
+                _restore(saved)
+    return values, len(batches) * (1 + len(layers) * len(bitwidths))
+
+
+# ------------------------------------------------------------------------------ hessian
+def _error_power(quantizer, tensor: Tensor, bits: int) -> float:
+    """||Q_b(t) - t||^2 with a copy of the quantizer set to ``bits``."""
+    q = copy.deepcopy(quantizer)
+    q.bitwidth = bits
+    with torch.no_grad():
+        fake, _ = q.fake_quantize(tensor.detach())
+        return float((fake.double() - tensor.detach().double()).square().sum())
+
+
+def _hessian(work, layers, batches, loss_fn, bitwidths, samples, seed):
+    from .qat import detach
+
+    quantizers = {name: ({w: quantizer_of(layer, w) for w in _weights(layer)},
+                         {i: quantizer_of(layer, i) for i in _inputs(layer)}) for name, layer in layers.items()}
+    detach(work)  # the float model: its curvature, the quantizers' errors measured apart
+    generator = torch.Generator().manual_seed(seed)
+    values = {name: {b: 0.0 for b in bitwidths} for name in layers}
+    for batch in batches:
+        deltas: dict[str, Tensor] = {}
+        inputs: dict[str, Tensor] = {}
+
+        def perturb(name):
+            def hook(layer, args):
+                if not args or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
+                    return None
+                delta = torch.zeros_like(args[0], requires_grad=True)
+                deltas[name], inputs[name] = delta, args[0].detach()
+                return (args[0] + delta, *args[1:])
+            return hook
+
+        handles = [layer.register_forward_pre_hook(perturb(name)) for name, layer in layers.items()]
+        try:
+            loss = _loss(work, batch, loss_fn)
+        finally:
+            for handle in handles:
+                handle.remove()
+        targets: list[tuple[str, str, Tensor]] = []
+        for name, layer in layers.items():
+            for w in quantizers[name][0]:
+                parameter = layer._parameters.get(w)
+                if parameter is not None and parameter.requires_grad:
+                    targets.append((name, w, parameter))
+            if name in deltas and quantizers[name][1]:
+                targets.append((name, "input", deltas[name]))
+        tensors = [t for *_, t in targets]
+        grads = torch.autograd.grad(loss, tensors, create_graph=True, allow_unused=True)
+        used = [(target, g) for target, g in zip(targets, grads) if g is not None and g.requires_grad]
+        traces = {(name, what): 0.0 for (name, what, _), _ in used}
+        for _ in range(samples):
+            vectors = [torch.randint(0, 2, t.shape, generator=generator).to(t) * 2 - 1 for (*_, t), _ in used]
+            products = torch.autograd.grad([g for _, g in used], [t for (*_, t), _ in used], grad_outputs=vectors,
+                                           retain_graph=True, allow_unused=True)
+            for ((name, what, _), _), v, hv in zip(used, vectors, products):
+                if hv is not None:
+                    traces[(name, what)] += float((v * hv).sum()) / samples
+        for (name, what, tensor), _ in used:
+            # A negative trace estimate (a saddle, or Hutchinson's noise on a flat direction)
+            # would predict that quantizing lowers the loss: it counts as no curvature.
+            curvature = max(traces[(name, what)], 0.0) / tensor.numel()
+            if what == "input":
+                quantizer = next(iter(quantizers[name][1].values()))
+                source = inputs[name]
+            else:
+                quantizer, source = quantizers[name][0][what], tensor
+            for bits in bitwidths:
+                values[name][bits] += 0.5 * curvature * _error_power(quantizer, source, bits) / len(batches)
+    return values, len(batches) * (2 + samples)
+
+
+def rank_correlation(predicted: Sensitivity, measured: Sensitivity) -> float:
+    """Spearman's rank correlation between two sensitivities over every (layer, bits) pair
+    both have (ties share their mean rank)."""
+    pairs = [(predicted.values[layer][b], measured.values[layer][b]) for layer in predicted.values
+             if layer in measured.values for b in predicted.values[layer] if b in measured.values[layer]]
+    if len(pairs) < 2:
+        raise ValueError("rank_correlation needs at least two (layer, bits) pairs in both sensitivities")
+
+    def ranks(values: list[float]) -> Tensor:
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        result = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                result[order[k]] = (i + j) / 2
+            i = j + 1
+        return torch.tensor(result, dtype=torch.float64)
+
+    a, b = ranks([p for p, _ in pairs]), ranks([m for _, m in pairs])
+    a, b = a - a.mean(), b - b.mean()
+    denominator = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denominator if denominator else 0.0
+
+
+__all__ = ["METHODS", "Sensitivity", "rank_correlation", "sensitivity"]
