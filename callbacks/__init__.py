@@ -4,6 +4,7 @@ from .approximate import ApproximateProducts
 from .bn_reestimation import BatchNormReestimation
 from .checkpoint import restore_quantized
 from .lr_rewarm import LearningRateRewarm
+from .mixed_precision import MixedPrecision
 from .qat import QuantizationAwareTraining
 from .schedules import ConstantBitwidth, CosineBitwidth, LinearBitwidth, StepBitwidth
 
@@ -14,6 +15,7 @@ __all__ = [
     "CosineBitwidth",
     "LearningRateRewarm",
     "LinearBitwidth",
+    "MixedPrecision",
     "QuantizationAwareTraining",
     "StepBitwidth",
     "restore_quantized",

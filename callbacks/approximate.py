@@ -23,7 +23,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from lightning.pytorch import Callback, LightningModule, Trainer
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 import torchapprox as ta
 from torchapprox.approximation import install_multipliers, multiplier_state, multipliers_from_state
@@ -73,6 +73,13 @@ class ApproximateProducts(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._switch_when_due(trainer, pl_module)
 
+    def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        last = trainer.max_epochs
+        if last is not None and last >= 0 and self.start_epoch > last:
+            raise ValueError(f"ApproximateProducts: `start_epoch` {self.start_epoch} is after the run's end "
+                             f"(max_epochs={last}), so no product would go through the multiplier: use at most "
+                             f"{last} ({last} = test the trained model with it)")
+
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._restore(pl_module)
 
@@ -103,6 +110,10 @@ class ApproximateProducts(Callback):
         if self._saved is None or not ta.quantized_layers(pl_module):
             return
         saved, self._saved = self._saved, None
+        names = sorted({entry["name"] for entry in saved.values()})
+        if names != [self.multiplier.name]:
+            rank_zero_warn(f"ApproximateProducts: the checkpoint's layers multiply with {', '.join(names)}, which this "
+                           f"run keeps (its {self.multiplier.name!r} is not used): a resumed run computes as it trained")
         install_multipliers(pl_module, multipliers_from_state(pl_module, saved))
         self.layers = list(saved)
 

@@ -330,8 +330,10 @@ class QuantizationAwareTraining(Callback):
                 return False
             for tensor, (spec, pinned) in wanted.items():
                 quantizer = getattr(layer, f"{tensor}_quantizer")
-                if quantizer.pinned != pinned or quantizer.spec.replace(bits=spec.bits) != spec \
-                        or (pinned and quantizer.spec.bits != spec.bits):
+                # A quantizer pinned where no rule pins it had its bits assigned in training
+                # (MixedPrecision): still this configuration.
+                if quantizer.spec.replace(bits=spec.bits) != spec \
+                        or (pinned and (not quantizer.pinned or quantizer.spec.bits != spec.bits)):
                     return False
         return True
 
@@ -637,7 +639,9 @@ def _check_same_quantization(module: LightningModule, saved: Mapping[str, Any]) 
                 raise ValueError(f"QuantizationAwareTraining: the checkpoint quantized {layer}.{tensor}, which this run "
                                  "does not: resume with the quantization options it was trained with")
             was, is_ = dict(entry["spec"]), dict(now["spec"])
-            if not entry.get("pinned"):
+            # Bits are configuration only where both runs pin them by a rule; pinned in the
+            # checkpoint alone, they were assigned during training (MixedPrecision), and restored.
+            if not (entry.get("pinned") and now.get("pinned")):
                 was.pop("bits"), is_.pop("bits")
             if was != is_:
                 field = next(k for k in was if was[k] != is_.get(k))

@@ -61,19 +61,22 @@ def _multiplier(config: dict[str, Any]):
     return instantiate(config)
 
 
-def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
-    """One row per multiplier: its metrics, and the accuracies per phase over seeds."""
+def rows_of(sweep_dir: Path, skipped: list[str] | None = None) -> list[dict[str, Any]]:
+    """One row per multiplier: its metrics, and the accuracies per phase over seeds. The
+    jobs not counted (not finished, failed, not a multiplier job) go to ``skipped``."""
     groups: dict[str, dict[str, Any]] = {}
     values: dict[tuple[str, str], list[float]] = defaultdict(list)
     for job in collect_jobs(sweep_dir):
         settings = _job_settings(sweep_dir / job["job"])
         if settings is None or job["status"] != "ok" or job.get(METRIC) is None:
+            if skipped is not None:
+                skipped.append(f"{job['job']} ({job['status']}{': ' + job['error'] if job.get('error') else ''})")
             continue
         multiplier = _multiplier(settings["multiplier"])
         if multiplier.name not in groups:
             groups[multiplier.name] = {"multiplier": multiplier.name, "cost": multiplier.cost, **multiplier.metrics()}
         retrain = settings["epochs"] - settings["start"]
-        phase = "dropped in" if retrain <= 0 else f"retrained {retrain} epochs"
+        phase = "dropped in" if retrain <= 0 else f"retrained {retrain} epoch{'s' if retrain > 1 else ''}"
         values[(multiplier.name, phase)].append(float(job[METRIC]))
     phases = sorted({phase for _, phase in values}, key=lambda p: (p != "dropped in", p))
     rows = []
@@ -81,14 +84,17 @@ def rows_of(sweep_dir: Path) -> list[dict[str, Any]]:
         for phase in phases:
             accuracies = values.get((name, phase), [])
             row[f"{phase} mean"] = statistics.fmean(accuracies) if accuracies else None
-            row[f"{phase} std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else 0.0
+            row[f"{phase} std"] = statistics.stdev(accuracies) if len(accuracies) > 1 else None
             row[f"{phase} n"] = len(accuracies)
         rows.append(row)
     return rows
 
 
 def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
-    rows = rows_of(sweep_dir)
+    skipped: list[str] = []
+    rows = rows_of(sweep_dir, skipped)
+    if skipped:
+        print(f"multiplier summary: {len(skipped)} jobs not counted: {'; '.join(skipped[:10])}", file=sys.stderr)
     if not rows:
         print(f"multiplier summary: no finished multiplier jobs in {sweep_dir}", file=sys.stderr)
         return rows
@@ -97,7 +103,7 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
     writer.writeheader()
     writer.writerows(rows)
     write_atomically(sweep_dir / "multipliers.csv", table.getvalue().encode())
-    write_atomically(sweep_dir / "multipliers.md", markdown(rows).encode())
+    write_atomically(sweep_dir / "multipliers.md", markdown(rows, skipped).encode())
     temporary = sweep_dir / f".multipliers.{os.getpid()}.png"
     try:
         plot(rows, temporary)
@@ -112,7 +118,7 @@ def _phases(rows: list[dict[str, Any]]) -> list[str]:
     return [key[:-len(" mean")] for key in rows[0] if key.endswith(" mean")]
 
 
-def markdown(rows: list[dict[str, Any]]) -> str:
+def markdown(rows: list[dict[str, Any]], skipped: list[str] = ()) -> str:
     phases = _phases(rows)
     lines = [f"# Multipliers: {METRIC} (%, mean ± std over seeds)", "",
              "| multiplier | MRED | error probability | mean error | cost | " + " | ".join(phases) + " |",
@@ -121,11 +127,13 @@ def markdown(rows: list[dict[str, Any]]) -> str:
         cost = "n/a" if row["cost"] is None else f"{row['cost']:.3f}"
         cells = []
         for phase in phases:
-            mean = row[f"{phase} mean"]
-            cells.append("" if mean is None else f"{100 * mean:.2f} ± {100 * row[f'{phase} std']:.2f} "
-                                                 f"(n={row[f'{phase} n']})")
+            mean, std = row[f"{phase} mean"], row[f"{phase} std"]
+            spread = "n/a" if std is None else f"{100 * std:.2f}"
+            cells.append("" if mean is None else f"{100 * mean:.2f} ± {spread} (n={row[f'{phase} n']})")
         lines.append(f"| {row['multiplier']} | {100 * row['mred']:.2f}% | {row['error_probability']:.3f} | "
                      f"{row['mean_error']:.1f} | {cost} | " + " | ".join(cells) + " |")
+    if skipped:
+        lines += ["", f"Not counted ({len(skipped)} jobs): " + "; ".join(skipped)]
     return "\n".join(lines) + "\n"
 
 
@@ -141,7 +149,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
         for axes, key in ((by_error, "mred"), (by_cost, "cost")):
             points = [r for r in measured if r[key] is not None]
             axes.errorbar([100 * r[key] if key == "mred" else r[key] for r in points],
-                          [100 * r[f"{phase} mean"] for r in points], yerr=[100 * r[f"{phase} std"] for r in points],
+                          [100 * r[f"{phase} mean"] for r in points],
+                          yerr=[100 * (r[f"{phase} std"] or 0.0) for r in points],
                           marker=marker, linestyle="none", capsize=3, label=phase)
             for r in points:
                 axes.annotate(r["multiplier"], (100 * r[key] if key == "mred" else r[key], 100 * r[f"{phase} mean"]),

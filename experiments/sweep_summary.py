@@ -107,17 +107,31 @@ def collect_jobs(sweep_dir: Path) -> list[dict[str, Any]]:
         row["parsed"] = dict(o.lstrip("+~").split("=", 1) if "=" in o else (o.lstrip("+~"), "") for o in overrides)
         metrics_file = job_dir / "metrics.json"
         failure_file, interrupted_file = job_dir / "failed.json", job_dir / "interrupted.json"
-        if metrics_file.is_file():
-            row.update(json.loads(metrics_file.read_text()))
-        elif interrupted_file.is_file():
-            marker = json.loads(interrupted_file.read_text())
-            row.update(status="interrupted", error=f"interrupted by {marker.get('signal')} in epoch {marker.get('epoch')}")
-        elif failure_file.is_file():
-            row.update(json.loads(failure_file.read_text()))
-        else:
-            row["error"] = "no metrics.json: the job did not finish"
+        try:
+            if metrics_file.is_file():
+                row.update(_json_object(metrics_file))
+            elif interrupted_file.is_file():
+                marker = _json_object(interrupted_file)
+                row.update(status="interrupted",
+                           error=f"interrupted by {marker.get('signal')} in epoch {marker.get('epoch')}")
+            elif failure_file.is_file():
+                row.update(_json_object(failure_file))
+            else:
+                row["error"] = "no metrics.json: the job did not finish"
+        except ValueError as error:  # a file cut short or edited by hand: the job is listed, not counted
+            row.update(status="failed", error=str(error))
         rows.append(row)
     return rows
+
+
+def _json_object(path: Path) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"{path.name} is not readable JSON ({error})") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{path.name} holds {type(value).__name__}, not an object")
+    return value
 
 
 def swept_keys(rows: list[dict[str, Any]]) -> list[str]:

@@ -34,6 +34,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+import torchapprox as ta
 from callbacks import QuantizationAwareTraining
 from callbacks.schedules import epoch_at
 from experiments import run_dir as run_dirs
@@ -175,6 +176,7 @@ def _train(cfg: DictConfig, output_dir: Path, in_sweep: bool) -> dict[str, Any]:
             raise Interrupted(signal.SIGTERM)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
         metrics.update(test_metrics(trainer, model, datamodule))
+        metrics.update(precision_metrics(model, datamodule))
     except Interrupted as interrupted:
         interrupted.epoch = trainer.current_epoch
         raise
@@ -200,6 +202,17 @@ def _train(cfg: DictConfig, output_dir: Path, in_sweep: bool) -> dict[str, Any]:
     print(f"results: {output_dir} ({METRICS_FILE}, checkpoints/)"
           + (f"; view them with: tensorboard --logdir {output_dir}" if logger else ""), flush=True)
     return result
+
+
+def precision_metrics(model, datamodule) -> dict[str, float]:
+    """``precision/{average_bits, size_bytes, bit_operations}`` of a quantized model at its
+    final bits (``ta.precision_summary`` on a test batch); nothing for the fp32 baseline."""
+    if not ta.quantized_layers(model):
+        return {}
+    batch = next(iter(datamodule.test_dataloader()))
+    x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    summary = ta.precision_summary(model, x.to(model.device))
+    return {f"precision/{key}": float(value) for key, value in summary.items() if value is not None}
 
 
 def test_metrics(trainer: Trainer, model, datamodule) -> dict[str, float]:

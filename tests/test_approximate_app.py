@@ -33,7 +33,7 @@ def test_a_multiplier_sweep_writes_its_table_from_the_jobs_metrics(tmp_path):
         config = yaml.safe_load((job / ".hydra" / "config.yaml").read_text())
         name = {"drum": "drum(4)", "exact": "exact"}[config["callbacks"]["approximate"]["multiplier"]["_target_"]
                                                      .rsplit(".", 1)[1]]
-        phase = "dropped in" if config["trainer"]["max_epochs"] == 1 else "retrained 1 epochs"
+        phase = "dropped in" if config["trainer"]["max_epochs"] == 1 else "retrained 1 epoch"
         expected.setdefault((name, phase), []).append(json.loads((job / "metrics.json").read_text())["test/acc"])
     rows = {row["multiplier"]: row for row in csv.DictReader((sweep / "multipliers.csv").open())}
     assert set(rows) == {"drum(4)", "exact"} and (sweep / "multipliers.png").stat().st_size > 0
@@ -61,3 +61,18 @@ def test_export_of_a_run_with_multipliers_refuses_or_writes_the_assignment(tmp_p
     assert {entry["multiplier"] for entry in assignment.values()} == {"mitchell"}
     assert all(0.03 < entry["mred"] < 0.05 and len(entry["table_sha256"]) == 64 for entry in assignment.values())
     assert (run_dir / "model.onnx").stat().st_size > 0
+
+
+def test_the_summary_lists_jobs_it_could_not_count_and_survives_a_corrupt_metrics_file(tmp_path):
+    sweep = tmp_path / "sweep"
+    result = run("experiments.train", "-m", "data=synthetic", "schedule=constant", "bits=8", "+multiplier=drum4",
+                 "callbacks.approximate.start_epoch=choice(1)", "trainer.max_epochs=1", "seed=0,1",
+                 f"hydra.sweep.dir={sweep}", *QUIET, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    broken = sorted(j for j in sweep.iterdir() if (j / "metrics.json").is_file())[0]
+    (broken / "metrics.json").write_text('{"status": "ok", "test/ac')
+    rebuilt = run("experiments.multiplier_summary", str(sweep), cwd=tmp_path)
+    assert rebuilt.returncode == 0, rebuilt.stderr[-3000:]
+    text = (sweep / "multipliers.md").read_text()
+    assert "(n=1)" in text and "± n/a" in text
+    assert f"Not counted (1 jobs): {broken.name} (failed: metrics.json is not readable JSON" in text

@@ -121,3 +121,20 @@ def test_start_epoch_at_the_end_tests_the_multiplier_dropped_into_the_exactly_tr
     assert ta.assigned_multipliers(model)
     trainer.test(model, verbose=False)
     assert seen == {"net.0": "drum(2)", "net.2": "drum(2)"}
+
+
+def test_a_start_epoch_after_the_run_s_end_is_refused_before_training(tmp_path):
+    with pytest.raises(ValueError, match=r"`start_epoch` 3 is after the run's end \(max_epochs=2\)"):
+        make_trainer(tmp_path, [qat(), ApproximateProducts(drum(4), start_epoch=3, verbose=False)], max_epochs=2
+                     ).fit(TinyClassifier())
+
+
+def test_resuming_with_another_multiplier_keeps_the_checkpoint_s_and_says_so(tmp_path):
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    make_trainer(tmp_path / "first", [qat(), ApproximateProducts(drum(4), verbose=False), checkpoint], max_epochs=1
+                 ).fit(TinyClassifier())
+    resumed = TinyClassifier()
+    with pytest.warns(UserWarning, match=r"the checkpoint's layers multiply with drum\(4\), which this run keeps"):
+        make_trainer(tmp_path / "second", [qat(), ApproximateProducts(exact(), verbose=False)], max_epochs=2
+                     ).fit(resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert {m.name for m in ta.assigned_multipliers(resumed).values()} == {"drum(4)"}

@@ -178,3 +178,82 @@ def test_rank_correlation_by_hand():
     assert ta.rank_correlation(a, b) == pytest.approx(1.0)
     c = Sensitivity({"x": {2: 0.0, 4: 1.0}, "y": {2: 2.0, 4: 3.0}}, {}, {}, "c", 0)
     assert ta.rank_correlation(a, c) == pytest.approx(-0.8)  # ranks 3,1,2,0 against 0,1,2,3: 1 - 6*18/(4*15)
+
+
+# ------------------------------------------------------------------------------ callback
+def _callbacks(method="hessian", budget=3.0, **kwargs):
+    from callbacks import ConstantBitwidth, MixedPrecision, QuantizationAwareTraining
+
+    return [QuantizationAwareTraining(schedule=ConstantBitwidth(8), verbose=False, **kwargs),
+            MixedPrecision(budget, method=method, at_epoch=1, batches=2, choices=(2, 4, 8), verbose=False)]
+
+
+def _bits(module):
+    return {name: {q.bitwidth for q in layer.modules() if isinstance(q, ta.ApproxQuantizer)}
+            for name, layer in ta.quantized_layers(module).items()}
+
+
+@pytest.mark.parametrize("method", ["hessian", "direct", "uniform"])
+def test_the_callback_assigns_at_its_epoch_logs_and_trains_the_assignment(tmp_path, method):
+    from lightning.pytorch import Callback
+    from lit_helpers import TinyClassifier, make_trainer, read_scalars
+
+    seen = {}
+
+    class Probe(Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            seen[trainer.current_epoch] = _bits(pl_module)
+
+    model = TinyClassifier()
+    callbacks = _callbacks(method, budget=5.0)  # net.0: 8 x 16 = 128 weights, net.2: 16 x 3 = 48
+    make_trainer(tmp_path, [*callbacks, Probe()], max_epochs=3).fit(model)
+    assignment = callbacks[1].assignment
+    assert seen[0] == {"net.0": {8}, "net.2": {8}}
+    assert seen[1] == seen[2] == {layer: {bits} for layer, bits in assignment.bits.items()}
+    average = (128 * assignment.bits["net.0"] + 48 * assignment.bits["net.2"]) / 176
+    assert average == pytest.approx(assignment.cost) and average <= 5.0
+    if method == "uniform":
+        assert assignment.bits == {"net.0": 4, "net.2": 4}
+    scalars = read_scalars(tmp_path / "tb" / "version_0")
+    assert [v for _, v in scalars["quant/net.0/bits"]] == [assignment.bits["net.0"]]
+    summary = ta.precision_summary(model, torch.randn(5, 8))
+    assert summary["average_bits"] == pytest.approx(average)
+    assert summary["size_bytes"] == pytest.approx((128 * assignment.bits["net.0"] + 48 * assignment.bits["net.2"]) / 8)
+    assert summary["bit_operations"] == 128 * assignment.bits["net.0"] ** 2 + 48 * assignment.bits["net.2"] ** 2
+
+
+def test_a_resumed_run_keeps_the_assignment_and_equals_the_uninterrupted_run(tmp_path):
+    from lightning.pytorch import seed_everything
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from lit_helpers import TinyClassifier, make_trainer
+
+    lsq = dict(weight=ta.QuantSpec(quantizer="lsq"))
+    seed_everything(0, verbose=False)
+    whole = TinyClassifier()
+    make_trainer(tmp_path / "whole", _callbacks(budget=4.0, **lsq), max_epochs=4).fit(whole)
+    seed_everything(0, verbose=False)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    first = _callbacks(budget=4.0, **lsq)
+    make_trainer(tmp_path / "first", [*first, checkpoint], max_epochs=2).fit(TinyClassifier())
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["callbacks"]["MixedPrecision"]["assignment"]["bits"] == first[1].assignment.bits
+    seed_everything(0, verbose=False)
+    resumed = TinyClassifier()
+    second = _callbacks(budget=4.0, **lsq)
+    make_trainer(tmp_path / "second", second, max_epochs=4).fit(resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+    assert second[1].assignment.bits == first[1].assignment.bits
+    assert _bits(resumed) == {layer: {bits} for layer, bits in first[1].assignment.bits.items()}
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_the_callback_s_arguments_are_checked():
+    from callbacks import MixedPrecision
+
+    for kwargs, message in [(dict(budget=0), "`budget` must be a positive number, got 0"),
+                            (dict(budget=3, cost="flops"), "`cost` must be one of"),
+                            (dict(budget=3, method="fisher"), "`method` must be one of 'hessian', 'direct', 'uniform'"),
+                            (dict(budget=3, at_epoch=-1), "`at_epoch` must be an int >= 0, got -1"),
+                            (dict(budget=3, choices=(1, 2)), "`choices` must hold ints in 2..32")]:
+        with pytest.raises(ValueError, match=message):
+            MixedPrecision(**kwargs)

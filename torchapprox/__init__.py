@@ -9,6 +9,7 @@ from .layers import register_layer
 from .qat import (attach, detach, float_state_dict, load_quantizer_state, quantization_state, quantized_layers, quantizer_state,
                   restore_quantization, set_bitwidth, synchronize_quantizers)
 from .quantizers import ApproxQuantizer, LSQQuant, MinMaxQuant, QParams, register_quantizer
+from .precision import precision_summary
 from .sensitivity import Sensitivity, rank_correlation, sensitivity
 from .spec import QuantSpec
 from .statistics import collect_statistics, enable_statistics, statistics
@@ -34,6 +35,7 @@ __all__ = [
     "float_state_dict",
     "load_quantizer_state",
     "quantization_state",
+    "precision_summary",
     "quantized_layers",
     "quantizer_state",
     "rank_correlation",

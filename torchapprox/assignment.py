@@ -129,6 +129,23 @@ def assign_bitwidths(sensitivity: Any, budget: float, choices: Sequence[int] = (
     return Assignment(dict(zip(layers, bits)), total_cost, float(budget), cost, total_sensitivity)
 
 
+def uniform_bitwidths(params: Mapping[str, int], macs: Mapping[str, int | None], budget: float,
+                      choices: Sequence[int] = (2, 3, 4, 8), cost: str = "weights") -> Assignment:
+    """One bitwidth for every layer: the largest of ``choices`` within ``budget`` (the
+    baseline an assignment is compared with). ``sensitivity`` of the result is NaN.
+    Raises ValueError for an infeasible budget, as :func:`assign_bitwidths`."""
+    choices = _check_choices(choices)
+    costs = layer_costs(params, macs, choices, cost)
+    fitting = [b for b in choices if sum(costs[layer][b] for layer in params) <= budget * (1 + 1e-12)]
+    if not fitting:
+        smallest = sum(costs[layer][choices[0]] for layer in params)
+        raise ValueError(f"budget {budget:.6g} ({cost}) is infeasible: the smallest feasible budget with choices "
+                         f"{list(choices)} is {smallest:.6g} (every layer at {choices[0]} bits)")
+    bits = max(fitting)
+    return Assignment({layer: bits for layer in params}, sum(costs[layer][bits] for layer in params), float(budget),
+                      cost, float("nan"))
+
+
 def solve(layers: list[str], costs: Mapping[str, Mapping[int, float]], values: Mapping[str, Mapping[int, float]],
           choices: tuple[int, ...], budget: float) -> tuple[list[int], float, float]:
     """The exact multiple-choice knapsack by dynamic programming on the Pareto front (see the
@@ -149,4 +166,4 @@ def solve(layers: list[str], costs: Mapping[str, Mapping[int, float]], values: M
     return list(best[2]), best[0], best[1]
 
 
-__all__ = ["Assignment", "COSTS", "assign_bitwidths", "layer_costs"]
+__all__ = ["Assignment", "COSTS", "assign_bitwidths", "layer_costs", "uniform_bitwidths"]

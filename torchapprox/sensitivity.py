@@ -34,8 +34,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .layers import find_layer_type
 from .layers.functional import quantizer_of
+from .precision import count_macs
 
 METHODS = ("hessian", "direct")
 
@@ -103,7 +103,7 @@ def sensitivity(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.
     work = copy.deepcopy(model).eval()
     layers = quantized_layers(work)
     params = {name: sum(getattr(layer, w).numel() for w in _weights(layer)) for name, layer in layers.items()}
-    macs = _count_macs(work, layers, batches[0], loss_fn)
+    macs = count_macs(work, layers, lambda: _loss(work, batches[0], loss_fn), _batch_size(batches[0]))
     if method == "direct":
         values, passes = _direct(work, layers, batches, loss_fn, bitwidths)
     else:
@@ -143,48 +143,6 @@ def _loss(model: nn.Module, batch: Any, loss_fn: Callable) -> Tensor:
 def _batch_size(batch: Any) -> int:
     first = batch[0] if isinstance(batch, (tuple, list)) else batch
     return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else 1
-
-
-# ------------------------------------------------------------------------------ MACs
-def _macs_of(layer: nn.Module, inputs: tuple, output: Any) -> int | None:
-    """Multiply-accumulates of one call (all samples)."""
-    out = output[0] if isinstance(output, tuple) else output
-    if not isinstance(out, Tensor):
-        return None
-    if isinstance(layer, nn.Linear):
-        return out.numel() * layer.in_features
-    if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        taps = 1
-        for k in layer.kernel_size:
-            taps *= k
-        return out.numel() * (layer.in_channels // layer.groups) * taps
-    if isinstance(layer, nn.MultiheadAttention):  # the input projection of query, key and value
-        tokens = inputs[0].numel() // layer.embed_dim if inputs else 0
-        return tokens * 3 * layer.embed_dim * layer.embed_dim
-    layer_type = find_layer_type(layer)
-    if layer_type is not None and layer_type.name == "transformers.pytorch_utils.Conv1D":
-        return out.numel() * layer.weight.shape[0]
-    return None
-
-
-@torch.no_grad()
-def _count_macs(work: nn.Module, layers: dict[str, nn.Module], batch: Any, loss_fn: Callable) -> dict[str, int | None]:
-    counted: dict[str, int | None] = {name: 0 for name in layers}
-
-    def hook(name):
-        def record(layer, inputs, output):
-            macs = _macs_of(layer, inputs, output)
-            counted[name] = None if macs is None or counted[name] is None else counted[name] + macs
-        return record
-
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
-    try:
-        _loss(work, batch, loss_fn)
-    finally:
-        for handle in handles:
-            handle.remove()
-    size = _batch_size(batch)
-    return {name: None if value is None else value // size for name, value in counted.items()}
 
 
 # ------------------------------------------------------------------------------ direct
