@@ -33,7 +33,8 @@ import torchapprox as ta
 from torchapprox.assignment import COSTS, Assignment, uniform_bitwidths
 from torchapprox.layers.functional import quantizer_of
 from torchapprox.qat import quantized_tensor_names
-from torchapprox.sensitivity import METHODS, Sensitivity
+from torchapprox.precision import count_macs
+from torchapprox.sensitivity import METHODS, Sensitivity, group_macs, layer_groups
 
 CALLBACK_METHODS = (*METHODS, "uniform")
 
@@ -98,9 +99,7 @@ class MixedPrecision(Callback):
     def _check_feasible(self, pl_module: LightningModule) -> None:
         """ValueError (with the smallest feasible budget) for a budget no assignment meets;
         bit-operations need a counted forward pass and are checked at the assignment."""
-        layers = ta.quantized_layers(pl_module)
-        params = {name: sum(getattr(layer, w).numel() for w in quantized_tensor_names(layer)[0])
-                  for name, layer in layers.items()}
+        _, params = layer_groups(ta.quantized_layers(pl_module))
         uniform_bitwidths(params, {}, self.budget, self.choices, self.cost)
 
     def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -128,14 +127,12 @@ class MixedPrecision(Callback):
                    for batch in itertools.islice(iter(trainer.train_dataloader), self.batches)]
         if self.method == "uniform":
             layers = ta.quantized_layers(pl_module)
-            params = {name: sum(getattr(layer, w).numel() for w in quantized_tensor_names(layer)[0])
-                      for name, layer in layers.items()}
-            from torchapprox.precision import count_macs
-
+            groups, params = layer_groups(layers)
             x = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
             with torch.no_grad():
-                macs = count_macs(pl_module, layers, lambda: self.loss_fn(pl_module, batches[0]), len(x))
-            assignment = uniform_bitwidths(params, macs, self.budget, self.choices, self.cost)
+                macs = group_macs(groups, count_macs(pl_module, layers, lambda: self.loss_fn(pl_module, batches[0]),
+                                                     len(x)))
+            assignment = uniform_bitwidths(params, macs, self.budget, self.choices, self.cost, groups)
         else:
             self.sensitivity = ta.sensitivity(pl_module, batches, self.loss_fn, self.choices, method=self.method,
                                               samples=self.samples)
@@ -145,7 +142,7 @@ class MixedPrecision(Callback):
 
     def _apply(self, pl_module: LightningModule) -> None:
         layers = ta.quantized_layers(pl_module)
-        for name, bits in self.assignment.bits.items():
+        for name, bits in self.assignment.layer_bits().items():
             if name not in layers:
                 raise ValueError(f"MixedPrecision: the assignment names layer {name!r}, which the model does not "
                                  "quantize")
@@ -160,7 +157,7 @@ class MixedPrecision(Callback):
         if self.verbose:
             rank_zero_info(f"MixedPrecision: epoch {trainer.current_epoch}, {self.method} assignment\n"
                            f"{self.assignment.table()}")
-        metrics = {f"quant/{layer}/bits": float(bits) for layer, bits in self.assignment.bits.items()}
+        metrics = {f"quant/{layer}/bits": float(bits) for layer, bits in self.assignment.layer_bits().items()}
         metrics[f"precision/assigned_{self.assignment.cost_kind}"] = float(self.assignment.cost)
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
@@ -174,7 +171,8 @@ class MixedPrecision(Callback):
                     "sensitivity": None if self._pending is None else self._pending.get("sensitivity")}
         a = self.assignment
         return {"assignment": {"bits": dict(a.bits), "cost": float(a.cost), "budget": float(a.budget),
-                               "cost_kind": a.cost_kind, "sensitivity": float(a.sensitivity)},
+                               "cost_kind": a.cost_kind, "sensitivity": float(a.sensitivity),
+                               "groups": {k: list(m) for k, m in a.groups.items()}},
                 "sensitivity": None if self.sensitivity is None else self.sensitivity.to_dict()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

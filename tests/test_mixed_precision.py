@@ -257,3 +257,39 @@ def test_the_callback_s_arguments_are_checked():
                             (dict(budget=3, choices=(1, 2)), "`choices` must hold ints in 2..32")]:
         with pytest.raises(ValueError, match=message):
             MixedPrecision(**kwargs)
+
+
+@pytest.mark.parametrize("method", ["hessian", "direct"])
+def test_a_tied_weight_is_one_entry_counted_once_and_its_layers_share_the_bits(method):
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(20, 6)
+            self.mix = nn.Linear(6, 6)
+            self.head = nn.Linear(6, 20, bias=False)
+            self.head.weight = self.embed.weight
+
+        def forward(self, ids):
+            return self.head(torch.relu(self.mix(self.embed(ids))))
+
+    torch.manual_seed(0)
+    model = Tied()
+    ta.attach(model, 8)
+    batches = [(torch.randint(0, 20, (4, 5)), torch.randint(0, 20, (4, 5)))]
+
+    def lm_loss(m, batch):
+        logits = m(batch[0])
+        return F.cross_entropy(logits.reshape(-1, 20), batch[1].reshape(-1))
+
+    result = ta.sensitivity(model, batches, lm_loss, (2, 8), method=method)
+    assert result.groups == {"embed": ["embed", "head"]} and set(result.values) == {"embed", "mix"}
+    assert result.params == {"embed": 120, "mix": 36}
+    assert result.macs == {"embed": 5 * 20 * 6, "mix": 5 * 36}  # the head's MACs; the lookup has none
+    assignment = ta.assign_bitwidths(result, (120 * 2 + 36 * 8) / 156, (2, 8))
+    assert set(assignment.rules) == {"embed", "head", "mix"} and assignment.rules["embed"] == assignment.rules["head"]
+    assert assignment.bits["embed"] == 2  # the tied weight at 8 bits would cost 6.6 average bits
+    for layer, bits in {"embed": 2, "head": 2, "mix": 8}.items():
+        model.get_submodule(layer).weight_quantizer.bitwidth = bits
+    summary = ta.precision_summary(model, batches[0][0])
+    assert summary["average_bits"] == pytest.approx((120 * 2 + 36 * 8) / 156)
+    assert summary["size_bytes"] == pytest.approx((120 * 2 + 36 * 8) / 8)

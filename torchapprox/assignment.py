@@ -41,15 +41,21 @@ class Assignment:
     budget: float
     cost_kind: str
     sensitivity: float
+    groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)  # as Sensitivity.groups
+
+    def layer_bits(self) -> dict[str, int]:
+        """``{layer: bits}`` for every layer, the members of a group (a tied weight) included."""
+        return {member: bits for key, bits in self.bits.items() for member in self.groups.get(key, [key])}
 
     @property
     def rules(self) -> dict[str, dict[str, int]]:
-        return {layer: {"bits": bits} for layer, bits in self.bits.items()}
+        return {layer: {"bits": bits} for layer, bits in self.layer_bits().items()}
 
     def table(self) -> str:
         """A plain-text table of the assignment (one line per layer) and the achieved budget."""
-        width = max(len(layer) for layer in self.bits) if self.bits else 5
-        lines = [f"{'layer':{width}s}  bits"] + [f"{layer:{width}s}  {bits:4d}" for layer, bits in self.bits.items()]
+        names = {key: " + ".join(self.groups.get(key, [key])) for key in self.bits}
+        width = max(len(name) for name in names.values()) if names else 5
+        lines = [f"{'layer':{width}s}  bits"] + [f"{names[key]:{width}s}  {bits:4d}" for key, bits in self.bits.items()]
         lines.append(f"{self.cost_kind}: {self.cost:.6g} of a budget of {self.budget:.6g}; "
                      f"predicted loss increase {self.sensitivity:.6g}")
         return "\n".join(lines)
@@ -126,11 +132,13 @@ def assign_bitwidths(sensitivity: Any, budget: float, choices: Sequence[int] = (
         raise ValueError(f"budget {budget:.6g} ({cost}) is infeasible: the smallest feasible budget with choices "
                          f"{list(choices)} is {smallest:.6g} (every layer at {choices[0]} bits)")
     bits, total_cost, total_sensitivity = solve(layers, costs, values, choices, budget)
-    return Assignment(dict(zip(layers, bits)), total_cost, float(budget), cost, total_sensitivity)
+    return Assignment(dict(zip(layers, bits)), total_cost, float(budget), cost, total_sensitivity,
+                      dict(getattr(sensitivity, "groups", {}) or {}))
 
 
 def uniform_bitwidths(params: Mapping[str, int], macs: Mapping[str, int | None], budget: float,
-                      choices: Sequence[int] = (2, 3, 4, 8), cost: str = "weights") -> Assignment:
+                      choices: Sequence[int] = (2, 3, 4, 8), cost: str = "weights",
+                      groups: Mapping[str, list[str]] | None = None) -> Assignment:
     """One bitwidth for every layer: the largest of ``choices`` within ``budget`` (the
     baseline an assignment is compared with). ``sensitivity`` of the result is NaN.
     Raises ValueError for an infeasible budget, as :func:`assign_bitwidths`."""
@@ -143,7 +151,7 @@ def uniform_bitwidths(params: Mapping[str, int], macs: Mapping[str, int | None],
                          f"{list(choices)} is {smallest:.6g} (every layer at {choices[0]} bits)")
     bits = max(fitting)
     return Assignment({layer: bits for layer in params}, sum(costs[layer][bits] for layer in params), float(budget),
-                      cost, float("nan"))
+                      cost, float("nan"), {k: list(m) for k, m in (groups or {}).items() if len(m) > 1})
 
 
 def solve(layers: list[str], costs: Mapping[str, Mapping[int, float]], values: Mapping[str, Mapping[int, float]],

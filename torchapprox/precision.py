@@ -2,7 +2,7 @@
 
 Per quantized layer: its weight parameters, its multiply-accumulates per sample (counted on
 one forward pass: Linear, Conv1d/2d/3d, transformers' Conv1D, MultiheadAttention's input
-projection; other types count None), its weight and input bits. Summed:
+projection, embeddings (none: a lookup); other types count None), its weight and input bits. Summed:
 
 - ``average_bits``: the quantized weights' bits weighted by their parameters;
 - ``size_bytes``: the quantized weights' size, ``sum params * bits / 8`` (float parameters
@@ -32,6 +32,8 @@ def _macs_of(layer: nn.Module, inputs: tuple, output: Any) -> int | None:
         return None
     if isinstance(layer, nn.Linear):
         return out.numel() * layer.in_features
+    if isinstance(layer, (nn.Embedding, nn.EmbeddingBag)):
+        return 0  # a lookup: no multiplication
     if isinstance(layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         taps = 1
         for k in layer.kernel_size:
@@ -91,11 +93,16 @@ def precision_summary(model: nn.Module, example_inputs: Tensor | tuple) -> dict[
         model.train(was_training)
     parameter_bits = parameters = 0
     operations: float | None = 0
+    counted: set[int] = set()  # a tied weight (one quantizer in several layers) is stored once
     for name, layer in layers.items():
         weights, input_names = quantized_tensor_names(layer)
         weight_bits = [(getattr(layer, w).numel(), quantizer_of(layer, w).bitwidth) for w in weights]
-        parameters += sum(n for n, _ in weight_bits)
-        parameter_bits += sum(n * b for n, b in weight_bits)
+        for w in weights:
+            quantizer = quantizer_of(layer, w)
+            if id(quantizer) not in counted:
+                counted.add(id(quantizer))
+                parameters += getattr(layer, w).numel()
+                parameter_bits += getattr(layer, w).numel() * quantizer.bitwidth
         if operations is not None:
             if macs[name] is None:
                 operations = None

@@ -33,6 +33,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .layers.functional import quantizer_of
 from .precision import count_macs
@@ -47,7 +48,9 @@ class Sensitivity:
     ``values``: ``{layer: {bits: predicted loss increase}}`` (in the loss's units);
     ``params``: quantized weight parameters per layer; ``macs``: multiply-accumulates per
     sample (None where not counted); ``method``; ``passes``: forward passes over the batches
-    (a backward or Hessian-vector product counts as one more each).
+    (a backward or Hessian-vector product counts as one more each); ``groups``: layers that
+    share a quantized weight, one entry under the first one's name (its ``params`` count the
+    shared weight once).
     """
 
     values: dict[str, dict[int, float]]
@@ -55,16 +58,21 @@ class Sensitivity:
     macs: dict[str, int | None]
     method: str
     passes: int
+    # {key: layers}: layers that share a quantized weight (tied embeddings and heads) take one
+    # bitwidth and are one entry, keyed by the first; a layer of its own is not listed.
+    groups: dict[str, list[str]] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values (checkpoint state, JSON)."""
         return {"values": {layer: {int(b): float(v) for b, v in by_bits.items()} for layer, by_bits in self.values.items()},
-                "params": dict(self.params), "macs": dict(self.macs), "method": self.method, "passes": self.passes}
+                "params": dict(self.params), "macs": dict(self.macs), "method": self.method, "passes": self.passes,
+                "groups": {key: list(members) for key, members in self.groups.items()}}
 
     @classmethod
     def from_dict(cls, state: dict[str, Any]) -> Sensitivity:
         return cls({layer: {int(b): float(v) for b, v in by_bits.items()} for layer, by_bits in state["values"].items()},
-                   dict(state["params"]), dict(state["macs"]), str(state["method"]), int(state["passes"]))
+                   dict(state["params"]), dict(state["macs"]), str(state["method"]), int(state["passes"]),
+                   {key: list(members) for key, members in (state.get("groups") or {}).items()})
 
 
 def sensitivity(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.Module, Any], Tensor],
@@ -102,13 +110,39 @@ def sensitivity(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.
         raise ValueError("`batches` is empty: sensitivity needs at least one batch")
     work = copy.deepcopy(model).eval()
     layers = quantized_layers(work)
-    params = {name: sum(getattr(layer, w).numel() for w in _weights(layer)) for name, layer in layers.items()}
-    macs = count_macs(work, layers, lambda: _loss(work, batches[0], loss_fn), _batch_size(batches[0]))
+    groups, params = layer_groups(layers)
+    layer_macs = count_macs(work, layers, lambda: _loss(work, batches[0], loss_fn), _batch_size(batches[0]))
+    macs = group_macs(groups, layer_macs)
     if method == "direct":
-        values, passes = _direct(work, layers, batches, loss_fn, bitwidths)
+        values, passes = _direct(work, layers, groups, batches, loss_fn, bitwidths)
     else:
-        values, passes = _hessian(work, layers, batches, loss_fn, bitwidths, samples, seed)
-    return Sensitivity(values, params, macs, method, passes)
+        values, passes = _hessian(work, layers, groups, batches, loss_fn, bitwidths, samples, seed)
+    return Sensitivity(values, params, macs, method, passes, {k: m for k, m in groups.items() if len(m) > 1})
+
+
+def layer_groups(layers: dict[str, nn.Module]) -> tuple[dict[str, list[str]], dict[str, int]]:
+    """``({key: member layers}, {key: quantized weight parameters})``: layers that share a
+    weight quantizer (a tied weight) form one group under the first one's name, and the
+    shared weight counts once."""
+    owner: dict[int, str] = {}
+    groups: dict[str, list[str]] = {}
+    params: dict[str, int] = {}
+    for name, layer in layers.items():
+        weights = [(id(q), getattr(layer, w).numel()) for w in _weights(layer) if (q := quantizer_of(layer, w)) is not None]
+        key = next((owner[i] for i, _ in weights if i in owner), name)
+        if key == name:
+            groups[name], params[name] = [], 0
+        groups[key].append(name)
+        for i, numel in weights:
+            if i not in owner:
+                owner[i] = key
+                params[key] += numel
+    return groups, params
+
+
+def group_macs(groups: dict[str, list[str]], macs: dict[str, int | None]) -> dict[str, int | None]:
+    return {key: None if any(macs[m] is None for m in members) else sum(macs[m] for m in members)
+            for key, members in groups.items()}
 
 
 def _check_bitwidths(bitwidths: Sequence[int]) -> tuple[int, ...]:
@@ -157,14 +191,16 @@ def _restore(saved: list[tuple[Any, Any, dict]]) -> None:
 
 
 @torch.no_grad()
-def _direct(work, layers, batches, loss_fn, bitwidths):
+def _direct(work, layers, groups, batches, loss_fn, bitwidths):
     def mean_loss() -> float:
         return sum(float(_loss(work, batch, loss_fn)) for batch in batches) / len(batches)
 
     reference = mean_loss()
     values: dict[str, dict[int, float]] = {}
-    for name, layer in layers.items():
-        quantizers = [q for t in (*_weights(layer), *_inputs(layer)) if (q := quantizer_of(layer, t)) is not None]
+    for name, members in groups.items():
+        unique = {id(q): q for member in members for t in (*_weights(layers[member]), *_inputs(layers[member]))
+                  if (q := quantizer_of(layers[member], t)) is not None}
+        quantizers = list(unique.values())
         values[name] = {}
         for bits in bitwidths:
             saved = _saved(quantizers)
@@ -174,7 +210,7 @@ def _direct(work, layers, batches, loss_fn, bitwidths):
                 values[name][bits] = mean_loss() - reference
             finally:
                 _restore(saved)
-    return values, len(batches) * (1 + len(layers) * len(bitwidths))
+    return values, len(batches) * (1 + len(groups) * len(bitwidths))
 
 
 # ------------------------------------------------------------------------------ hessian
@@ -187,14 +223,15 @@ def _error_power(quantizer, tensor: Tensor, bits: int) -> float:
         return float((fake.double() - tensor.detach().double()).square().sum())
 
 
-def _hessian(work, layers, batches, loss_fn, bitwidths, samples, seed):
+def _hessian(work, layers, groups, batches, loss_fn, bitwidths, samples, seed):
     from .qat import detach
 
+    group_of = {member: key for key, members in groups.items() for member in members}
     quantizers = {name: ({w: quantizer_of(layer, w) for w in _weights(layer)},
                          {i: quantizer_of(layer, i) for i in _inputs(layer)}) for name, layer in layers.items()}
     detach(work)  # the float model: its curvature, the quantizers' errors measured apart
     generator = torch.Generator().manual_seed(seed)
-    values = {name: {b: 0.0 for b in bitwidths} for name in layers}
+    values = {key: {b: 0.0 for b in bitwidths} for key in groups}
     for batch in batches:
         deltas: dict[str, Tensor] = {}
         inputs: dict[str, Tensor] = {}
@@ -210,15 +247,20 @@ def _hessian(work, layers, batches, loss_fn, bitwidths, samples, seed):
 
         handles = [layer.register_forward_pre_hook(perturb(name)) for name, layer in layers.items()]
         try:
-            loss = _loss(work, batch, loss_fn)
+            # Hessian-vector products differentiate the backward: attention's fused CPU/GPU
+            # kernels have no second derivative, its plain-math form has one.
+            with sdpa_kernel([SDPBackend.MATH]):
+                loss = _loss(work, batch, loss_fn)
         finally:
             for handle in handles:
                 handle.remove()
         targets: list[tuple[str, str, Tensor]] = []
+        seen: set[int] = set()  # a tied weight is one tensor: its term counts once
         for name, layer in layers.items():
             for w in quantizers[name][0]:
                 parameter = layer._parameters.get(w)
-                if parameter is not None and parameter.requires_grad:
+                if parameter is not None and parameter.requires_grad and id(parameter) not in seen:
+                    seen.add(id(parameter))
                     targets.append((name, w, parameter))
             if name in deltas and quantizers[name][1]:
                 targets.append((name, "input", deltas[name]))
@@ -243,7 +285,7 @@ def _hessian(work, layers, batches, loss_fn, bitwidths, samples, seed):
             else:
                 quantizer, source = quantizers[name][0][what], tensor
             for bits in bitwidths:
-                values[name][bits] += 0.5 * curvature * _error_power(quantizer, source, bits) / len(batches)
+                values[group_of[name]][bits] += 0.5 * curvature * _error_power(quantizer, source, bits) / len(batches)
     return values, len(batches) * (2 + samples)
 
 
@@ -274,4 +316,4 @@ def rank_correlation(predicted: Sensitivity, measured: Sensitivity) -> float:
     return float((a * b).sum()) / denominator if denominator else 0.0
 
 
-__all__ = ["METHODS", "Sensitivity", "rank_correlation", "sensitivity"]
+__all__ = ["METHODS", "Sensitivity", "group_macs", "layer_groups", "rank_correlation", "sensitivity"]
