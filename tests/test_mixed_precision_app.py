@@ -55,3 +55,19 @@ def test_a_bad_budget_stops_the_run_in_one_line(tmp_path):
     assert result.returncode != 0
     last = result.stderr.strip().splitlines()[-1]
     assert "budget 1.5 (weights) is infeasible: the smallest feasible budget with choices [2, 3, 4, 8] is 2" in last
+
+
+def test_the_sensitivity_command_compares_both_methods_on_a_finished_run(tmp_path):
+    run_dir = tmp_path / "run"
+    trained = run("experiments.train", "data=synthetic", "schedule=constant", "bits=8", "trainer.max_epochs=1",
+                  f"hydra.run.dir={run_dir}", *QUIET, cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    result = run("experiments.sensitivity", str(run_dir), "--batches", "2", "--bits", "2", "4", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    saved = json.loads((run_dir / "sensitivity.json").read_text())
+    layers = {"net.features.0", "net.features.3", "net.features.6", "net.classifier"}
+    assert set(saved["hessian"]["values"]) == set(saved["direct"]["values"]) == layers
+    assert -1 <= saved["rank_correlation"] <= 1 and saved["batches"] == 2
+    assert "rank correlation (Spearman), hessian against direct" in result.stdout
+    missing = run("experiments.sensitivity", str(tmp_path / "nothing"), cwd=tmp_path)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines()[-1].startswith("Error:")
