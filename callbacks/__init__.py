@@ -1,6 +1,6 @@
 """Lightning glue: the QAT callback, its companions and the bitwidth schedules."""
 
-from .approximate import ApproximateProducts
+from .approximate import ApproximateProducts, AssignMultipliers
 from .bn_reestimation import BatchNormReestimation
 from .checkpoint import restore_quantized
 from .lr_rewarm import LearningRateRewarm
@@ -10,6 +10,7 @@ from .schedules import ConstantBitwidth, CosineBitwidth, LinearBitwidth, StepBit
 
 __all__ = [
     "ApproximateProducts",
+    "AssignMultipliers",
     "BatchNormReestimation",
     "ConstantBitwidth",
     "CosineBitwidth",

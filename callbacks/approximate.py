@@ -99,10 +99,18 @@ class ApproximateProducts(Callback):
         self._restore(pl_module)
         if self.layers or trainer.current_epoch < self.start_epoch or not ta.quantized_layers(pl_module):
             return
-        self.layers = ta.set_multiplier(pl_module, self.multiplier, self.pattern, gradient=self.gradient)
+        self.layers = self._switch(trainer, pl_module)
+
+    def _switch(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
+        """Put the multipliers on the layers; returns the layers switched."""
+        layers = ta.set_multiplier(pl_module, self.multiplier, self.pattern, gradient=self.gradient)
         if self.verbose:
-            rank_zero_info(f"ApproximateProducts: epoch {trainer.current_epoch}, {len(self.layers)} layers multiply "
+            rank_zero_info(f"ApproximateProducts: epoch {trainer.current_epoch}, {len(layers)} layers multiply "
                            f"with {self.multiplier.name!r} from now on")
+        return layers
+
+    def _configured_names(self) -> list[str]:
+        return [self.multiplier.name]
 
     def _restore(self, pl_module: LightningModule) -> None:
         """Install a checkpoint's assignment once the quantizers are attached (the quantization
@@ -111,9 +119,10 @@ class ApproximateProducts(Callback):
             return
         saved, self._saved = self._saved, None
         names = sorted({entry["name"] for entry in saved.values()})
-        if names != [self.multiplier.name]:
-            rank_zero_warn(f"ApproximateProducts: the checkpoint's layers multiply with {', '.join(names)}, which this "
-                           f"run keeps (its {self.multiplier.name!r} is not used): a resumed run computes as it trained")
+        if not set(names) <= set(self._configured_names()):
+            rank_zero_warn(f"{type(self).__name__}: the checkpoint's layers multiply with {', '.join(names)}, which "
+                           f"this run keeps (it was given {', '.join(self._configured_names())}): a resumed run computes "
+                           "as it trained")
         install_multipliers(pl_module, multipliers_from_state(pl_module, saved))
         self.layers = list(saved)
 
@@ -142,3 +151,69 @@ class ApproximateProducts(Callback):
 
     def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_module": None}
+
+
+def error_rate(model, batch: Any):
+    """The fraction of ``(x, y)`` samples whose argmax of ``model(x)`` is not ``y`` (the
+    accuracy a multiplier costs, which a loss can hide: a multiplier that shrinks the logits
+    may lower the cross-entropy of an overconfident model while it loses accuracy)."""
+    import torch
+
+    x, y = batch[0], batch[1]
+    logits = model(x)
+    return (logits.reshape(-1, logits.shape[-1]).argmax(-1) != y.reshape(-1)).to(torch.float32).mean()
+
+
+class AssignMultipliers(ApproximateProducts):
+    """At ``start_epoch``, choose a multiplier per layer among ``candidates``
+    (``ta.multiplier_sensitivity`` on ``batches`` training batches, then
+    ``ta.assign_multipliers``): within ``budget`` (a fraction of the cost of exact products
+    everywhere, e.g. 0.5) with the least predicted increase of ``loss_fn`` (default
+    :func:`error_rate`), or the cheapest within ``max_loss_increase`` (0.01: one point of
+    accuracy). Then as :class:`ApproximateProducts`: retraining with them, telemetry, the
+    assignment in the checkpoint. Under DDP rank 0's assignment is broadcast.
+
+    Raises:
+        TypeError, ValueError: bad arguments (named), as for ``ta.assign_multipliers``.
+    """
+
+    def __init__(self, candidates: list[Multiplier], budget: float | None = None, max_loss_increase: float | None = None,
+                 start_epoch: int = 0, batches: int = 8, loss_fn=None, gradient: str = "ste",
+                 verbose: bool = True) -> None:
+        candidates = list(candidates)
+        if not candidates or not all(isinstance(m, Multiplier) for m in candidates):
+            raise TypeError("`candidates` must be a non-empty list of torchapprox.multipliers.Multiplier")
+        if (budget is None) == (max_loss_increase is None):
+            raise ValueError("give exactly one of `budget` (a fraction of the exact products' cost) and "
+                             "`max_loss_increase`")
+        if isinstance(batches, bool) or not isinstance(batches, numbers.Integral) or batches < 1:
+            raise ValueError(f"`batches` must be an int >= 1, got {batches!r}")
+        super().__init__(candidates[0], start_epoch=start_epoch, gradient=gradient, verbose=verbose)
+        self.candidates, self.budget, self.max_loss_increase = candidates, budget, max_loss_increase
+        self.batches, self.loss_fn = int(batches), loss_fn or error_rate
+
+    def _configured_names(self) -> list[str]:
+        return [m.name for m in self.candidates]
+
+    def _switch(self, trainer: Trainer, pl_module: LightningModule) -> list[str]:
+        import itertools
+
+        from lightning.pytorch.utilities import move_data_to_device
+
+        loader = trainer.train_dataloader
+        if loader is None and trainer.datamodule is not None:  # after fitting: the test switches
+            loader = trainer.datamodule.train_dataloader()
+        if loader is None:
+            raise ValueError("AssignMultipliers: no training data to measure the multipliers' sensitivity on "
+                             "(the trainer has no train dataloader)")
+        batches = [move_data_to_device(batch, pl_module.device) for batch in itertools.islice(iter(loader),
+                                                                                              self.batches)]
+        sensitivity = ta.multiplier_sensitivity(pl_module, batches, self.loss_fn, self.candidates)
+        assignment = ta.assign_multipliers(sensitivity, self.budget, max_loss_increase=self.max_loss_increase)
+        assignment = trainer.strategy.broadcast(assignment, src=0)
+        assignment.apply(pl_module, gradient=self.gradient)
+        if self.verbose:
+            rank_zero_info(f"AssignMultipliers: epoch {trainer.current_epoch}\n{assignment.table()}")
+        for logger in trainer.loggers:
+            logger.log_metrics({"approx/cost": float(assignment.cost)}, step=trainer.global_step)
+        return list(assignment.multipliers)

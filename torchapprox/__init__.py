@@ -6,6 +6,7 @@ from .calibration import calibrate
 from .coverage import coverage, coverage_summary
 from .export import export_onnx
 from .layers import register_layer
+from .multiplier_assignment import assign_multipliers, multiplier_sensitivity
 from .qat import (attach, detach, float_state_dict, load_quantizer_state, quantization_state, quantized_layers, quantizer_state,
                   restore_quantization, set_bitwidth, synchronize_quantizers)
 from .quantizers import ApproxQuantizer, LSQQuant, MinMaxQuant, QParams, register_quantizer
@@ -23,6 +24,7 @@ __all__ = [
     "QuantSpec",
     "Sensitivity",
     "assign_bitwidths",
+    "assign_multipliers",
     "attach",
     "assigned_multipliers",
     "calibrate",
@@ -34,6 +36,7 @@ __all__ = [
     "export_onnx",
     "float_state_dict",
     "load_quantizer_state",
+    "multiplier_sensitivity",
     "quantization_state",
     "precision_summary",
     "quantized_layers",

@@ -154,14 +154,15 @@ def uniform_bitwidths(params: Mapping[str, int], macs: Mapping[str, int | None],
                       cost, float("nan"), {k: list(m) for k, m in (groups or {}).items() if len(m) > 1})
 
 
-def solve(layers: list[str], costs: Mapping[str, Mapping[int, float]], values: Mapping[str, Mapping[int, float]],
-          choices: tuple[int, ...], budget: float) -> tuple[list[int], float, float]:
-    """The exact multiple-choice knapsack by dynamic programming on the Pareto front (see the
-    module docstring): ``(bits per layer, total cost, total sensitivity)``."""
+def pareto_front(layers: list[str], costs: Mapping[str, Mapping[Any, float]],
+                 values: Mapping[str, Mapping[Any, float]], choices: tuple, budget: float
+                 ) -> list[tuple[float, float, tuple]]:
+    """Every assignment on the Pareto front of (summed cost <= budget, summed value), as
+    ``(cost, value, choice per layer)``, by dynamic programming over the layers (the module
+    docstring says why pruning dominated partial assignments loses nothing)."""
     limit = budget * (1 + 1e-12)  # float sums of exact budgets (3.0 bits) must not fail by an ulp
-    # Each state: (cost, sensitivity, choices so far as a tuple); the front is sorted by cost
-    # with strictly decreasing sensitivity.
-    front: list[tuple[float, float, tuple[int, ...]]] = [(0.0, 0.0, ())]
+    # The front is sorted by cost with strictly decreasing value.
+    front: list[tuple[float, float, tuple]] = [(0.0, 0.0, ())]
     for layer in layers:
         candidates = [(c + costs[layer][b], s + float(values[layer][b]), picked + (b,))
                       for c, s, picked in front for b in choices if c + costs[layer][b] <= limit]
@@ -170,8 +171,15 @@ def solve(layers: list[str], costs: Mapping[str, Mapping[int, float]], values: M
         for state in candidates:
             if not front or state[1] < front[-1][1]:
                 front.append(state)
-    best = min(front, key=lambda state: (state[1], state[0]))
+    return front
+
+
+def solve(layers: list[str], costs: Mapping[str, Mapping[int, float]], values: Mapping[str, Mapping[int, float]],
+          choices: tuple[int, ...], budget: float) -> tuple[list[int], float, float]:
+    """The exact multiple-choice knapsack: ``(choice per layer, total cost, total value)``
+    with the least total value within the budget."""
+    best = min(pareto_front(layers, costs, values, choices, budget), key=lambda state: (state[1], state[0]))
     return list(best[2]), best[0], best[1]
 
 
-__all__ = ["Assignment", "COSTS", "assign_bitwidths", "layer_costs", "uniform_bitwidths"]
+__all__ = ["Assignment", "COSTS", "assign_bitwidths", "layer_costs", "pareto_front", "uniform_bitwidths"]

@@ -8,7 +8,10 @@ projection, embeddings (none: a lookup); other types count None), its weight and
 - ``size_bytes``: the quantized weights' size, ``sum params * bits / 8`` (float parameters
   such as biases and norms, the same for every bitwidth, are not counted);
 - ``bit_operations``: per sample, ``sum MACs * weight bits * input bits`` (an input left in
-  float counts 32 bits); None when a layer's MACs could not be counted.
+  float counts 32 bits); None when a layer's MACs could not be counted;
+- ``multiplier_cost``: over the layers that can take an approximate multiplier, ``sum MACs *
+  cost of the layer's multiplier / sum MACs`` (exact products cost 1.0; ``Multiplier.cost``);
+  None when a multiplier has no cost figure or no MACs were counted.
 """
 
 from __future__ import annotations
@@ -111,7 +114,25 @@ def precision_summary(model: nn.Module, example_inputs: Tensor | tuple) -> dict[
             a_bits = max((quantizer_of(layer, i).bitwidth for i in input_names), default=FLOAT_BITS)
             operations += macs[name] * w_bits * a_bits
     return {"average_bits": parameter_bits / parameters if parameters else None,
-            "size_bytes": parameter_bits / 8, "bit_operations": operations}
+            "size_bytes": parameter_bits / 8, "bit_operations": operations,
+            "multiplier_cost": _multiplier_cost(layers, macs)}
+
+
+def _multiplier_cost(layers: dict[str, nn.Module], macs: dict[str, int | None]) -> float | None:
+    from .layers.approximate import multiplier_of
+
+    spent = total = 0.0
+    for name, layer in layers.items():
+        layer_type = find_layer_type(layer)
+        if layer_type is None or not layer_type.multiplier:
+            continue
+        setting = multiplier_of(layer)
+        cost = 1.0 if setting is None else setting.multiplier.cost
+        if cost is None or macs.get(name) is None:
+            return None
+        spent += macs[name] * cost
+        total += macs[name]
+    return spent / total if total else None
 
 
 __all__ = ["count_macs", "precision_summary"]
