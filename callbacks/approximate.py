@@ -164,13 +164,44 @@ def error_rate(model, batch: Any):
     return (logits.reshape(-1, logits.shape[-1]).argmax(-1) != y.reshape(-1)).to(torch.float32).mean()
 
 
+class OutputDivergence:
+    """``loss_fn(model, batch)``: the KL divergence (nats per sample, or per token) of the
+    model's output distribution from the one the reference model gave on the same batch
+    (``batches``, kept by identity). A multiplier's effect on what the network predicts, which
+    neither the training error (zero on a fitted model) nor the loss (a multiplier that
+    shrinks the logits can lower it) measures."""
+
+    def __init__(self, model, batches: list) -> None:
+        import torch
+
+        was_training = model.training
+        model.eval()
+        with torch.no_grad():
+            self.reference = {id(batch): self._log_probabilities(model, batch) for batch in batches}
+        model.train(was_training)
+
+    @staticmethod
+    def _log_probabilities(model, batch):
+        import torch.nn.functional as F
+
+        logits = model(batch[0] if isinstance(batch, (tuple, list)) else batch)
+        return F.log_softmax(logits.reshape(-1, logits.shape[-1]).float(), dim=-1)
+
+    def __call__(self, model, batch):
+        import torch.nn.functional as F
+
+        return F.kl_div(self._log_probabilities(model, batch), self.reference[id(batch)], log_target=True,
+                        reduction="batchmean")
+
+
 class AssignMultipliers(ApproximateProducts):
     """At ``start_epoch``, choose a multiplier per layer among ``candidates``
     (``ta.multiplier_sensitivity`` on ``batches`` training batches, then
     ``ta.assign_multipliers``): within ``budget`` (a fraction of the cost of exact products
-    everywhere, e.g. 0.5) with the least predicted increase of ``loss_fn`` (default
-    :func:`error_rate`), or the cheapest within ``max_loss_increase`` (0.01: one point of
-    accuracy). Then as :class:`ApproximateProducts`: retraining with them, telemetry, the
+    everywhere, e.g. 0.5) with the least summed increase of ``loss_fn``, or the cheapest within
+    ``max_loss_increase``. ``loss_fn`` defaults to :class:`OutputDivergence` (how far each
+    choice moves the model's predictions, in nats); :func:`error_rate` (with
+    ``max_loss_increase=0.01``: one point) is the other built-in. Then as :class:`ApproximateProducts`: retraining with them, telemetry, the
     assignment in the checkpoint. Under DDP rank 0's assignment is broadcast.
 
     Raises:
@@ -190,7 +221,7 @@ class AssignMultipliers(ApproximateProducts):
             raise ValueError(f"`batches` must be an int >= 1, got {batches!r}")
         super().__init__(candidates[0], start_epoch=start_epoch, gradient=gradient, verbose=verbose)
         self.candidates, self.budget, self.max_loss_increase = candidates, budget, max_loss_increase
-        self.batches, self.loss_fn = int(batches), loss_fn or error_rate
+        self.batches, self.loss_fn = int(batches), loss_fn
 
     def _configured_names(self) -> list[str]:
         return [m.name for m in self.candidates]
@@ -208,7 +239,8 @@ class AssignMultipliers(ApproximateProducts):
                              "(the trainer has no train dataloader)")
         batches = [move_data_to_device(batch, pl_module.device) for batch in itertools.islice(iter(loader),
                                                                                               self.batches)]
-        sensitivity = ta.multiplier_sensitivity(pl_module, batches, self.loss_fn, self.candidates)
+        loss_fn = self.loss_fn or OutputDivergence(pl_module, batches)
+        sensitivity = ta.multiplier_sensitivity(pl_module, batches, loss_fn, self.candidates)
         assignment = ta.assign_multipliers(sensitivity, self.budget, max_loss_increase=self.max_loss_increase)
         assignment = trainer.strategy.broadcast(assignment, src=0)
         assignment.apply(pl_module, gradient=self.gradient)
