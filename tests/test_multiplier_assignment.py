@@ -112,3 +112,21 @@ def test_the_callback_assigns_within_the_budget_and_keeps_it_on_resume(tmp_path)
                  max_epochs=3).fit(resumed, ckpt_path=tmp_path / "ckpt" / "last.ckpt")
     assert {k: m.name for k, m in ta.assigned_multipliers(resumed).items()} == \
         {k: m.name for k, m in assigned.items()}
+
+
+def test_output_divergence_is_zero_for_the_reference_and_grows_with_the_multiplier_s_error():
+    from callbacks.approximate import OutputDivergence
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 16), nn.ReLU(), nn.Linear(16, 3))
+    ta.attach(model, 8)
+    batches = [(torch.randn(8, 6), torch.randint(0, 3, (8,)))]
+    divergence = OutputDivergence(model, batches)
+    assert float(divergence(model.eval(), batches[0])) == pytest.approx(0.0, abs=1e-6)
+    values = []
+    for multiplier in (truncated(6), broken_array(2, 10)):
+        ta.set_multiplier(model, multiplier)
+        values.append(float(divergence(model, batches[0])))
+    assert 0 < values[0] < values[1]
+    sens = ta.multiplier_sensitivity(model, batches, divergence, CANDIDATES)  # relative to the model as it is
+    assert all(v is not None for by in sens.values.values() for v in by.values())
