@@ -34,7 +34,8 @@ from torchapprox.assignment import COSTS, Assignment, uniform_bitwidths
 from torchapprox.layers.functional import quantizer_of
 from torchapprox.qat import quantized_tensor_names
 from torchapprox.precision import count_macs
-from torchapprox.sensitivity import METHODS, Sensitivity, group_macs, layer_groups
+from torchapprox.sensitivity import (METHODS, Sensitivity, batch_size, group_macs, layer_groups,
+                                     preserved_random_state)
 
 CALLBACK_METHODS = (*METHODS, "uniform")
 
@@ -93,6 +94,10 @@ class MixedPrecision(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._install_pending(pl_module)
+        last = trainer.max_epochs
+        if self.assignment is None and last is not None and last >= 0 and self.at_epoch >= last:
+            raise ValueError(f"MixedPrecision: `at_epoch` {self.at_epoch} is not before the run's end "
+                             f"(max_epochs={last}), so no epoch would train the assignment: use at most {last - 1}")
         if self.assignment is None and self.cost != "bit_operations":
             self._check_feasible(pl_module)  # before training, not at at_epoch
 
@@ -128,10 +133,9 @@ class MixedPrecision(Callback):
         if self.method == "uniform":
             layers = ta.quantized_layers(pl_module)
             groups, params = layer_groups(layers)
-            x = batches[0][0] if isinstance(batches[0], (tuple, list)) else batches[0]
-            with torch.no_grad():
+            with torch.no_grad(), preserved_random_state(pl_module):
                 macs = group_macs(groups, count_macs(pl_module, layers, lambda: self.loss_fn(pl_module, batches[0]),
-                                                     len(x)))
+                                                     batch_size(batches[0])))
             assignment = uniform_bitwidths(params, macs, self.budget, self.choices, self.cost, groups)
         else:
             self.sensitivity = ta.sensitivity(pl_module, batches, self.loss_fn, self.choices, method=self.method,

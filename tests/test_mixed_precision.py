@@ -293,3 +293,107 @@ def test_a_tied_weight_is_one_entry_counted_once_and_its_layers_share_the_bits(m
     summary = ta.precision_summary(model, batches[0][0])
     assert summary["average_bits"] == pytest.approx((120 * 2 + 36 * 8) / 156)
     assert summary["size_bytes"] == pytest.approx((120 * 2 + 36 * 8) / 8)
+
+
+# ------------------------------------------------------ the neighbours a break-it pass found
+class Noisy(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.fc(x + 0.01 * torch.randn_like(x))  # draws from the global generator
+
+
+@pytest.mark.parametrize("call", ["hessian", "direct", "multipliers", "summary"])
+def test_a_forward_that_draws_random_numbers_leaves_the_global_state_as_it_was(call):
+    from torchapprox.multipliers import exact, truncated
+
+    model = Noisy()
+    ta.attach(model, 8)
+    batches = [(torch.randn(5, 4), torch.randint(0, 3, (5,)))]
+    state = torch.get_rng_state()
+    if call == "summary":
+        ta.precision_summary(model, batches[0][0])
+    elif call == "multipliers":
+        ta.multiplier_sensitivity(model, batches, loss_fn, [exact(), truncated(6)])
+    else:
+        ta.sensitivity(model, batches, loss_fn, (2, 8), method=call)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
+def test_macs_are_per_sample_for_every_batch_structure():
+    model = nn.Sequential(nn.Linear(4, 5), nn.ReLU(), nn.Linear(5, 3))
+    ta.attach(model, 8)
+    x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+    shapes = [((x, y), lambda m, b: F.cross_entropy(m(b[0]), b[1])),
+              ({"x": x, "y": y}, lambda m, b: F.cross_entropy(m(b["x"]), b["y"])),
+              ({"inputs": {"x": x}, "y": y}, lambda m, b: F.cross_entropy(m(b["inputs"]["x"]), b["y"]))]
+    for batch, fn in shapes:
+        assert ta.sensitivity(model, [batch], fn, (2,), method="direct").macs == {"0": 20, "2": 15}
+
+
+@pytest.mark.parametrize("kind", ["pruned", "parametrized"])
+def test_pruned_and_parametrized_weights_have_their_curvature(kind):
+    from torch.nn.utils import parametrize, prune
+
+    class Scale(nn.Module):
+        def forward(self, w):
+            return w * 1.0
+
+    model, batches = digits_model_and_batches(train_steps=40)
+    plain = {k: v.clone() for k, v in model.state_dict().items()}
+    if kind == "pruned":
+        prune.l1_unstructured(model[5], "weight", amount=0.3)
+    else:
+        parametrize.register_parametrization(model[5], "weight", Scale())
+    ta.attach(model, 8)
+    result = ta.sensitivity(model, batches, loss_fn, (2, 4), method="hessian", samples=4)
+    reference, _ = digits_model_and_batches(train_steps=0)
+    reference.load_state_dict(plain)
+    ta.attach(reference, 8)
+    expected = ta.sensitivity(reference, batches, loss_fn, (2, 4), method="hessian", samples=4)
+    assert result.values["5"][2] > 0
+    if kind == "parametrized":  # the identity parametrization: the same numbers
+        assert result.values["5"][2] == pytest.approx(expected.values["5"][2], rel=1e-4)
+
+
+def test_attention_called_with_keywords_and_cross_attention_count_their_macs():
+    class Cross(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mha = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x, memory):
+            return self.head(self.mha(query=x, key=memory, value=memory)[0])
+
+    model = Cross()
+    ta.attach(model, 8)
+    x, memory = torch.randn(2, 5, 8), torch.randn(2, 50, 8)
+    summary = ta.precision_summary(model, (x, memory))
+    mha = (5 + 50 + 50) * 8 * 8  # the query, key and value projections, per sample
+    out_proj, head = 5 * 8 * 8, 5 * 8 * 3  # attention's output projection is a Linear of its own
+    assert summary["bit_operations"] == (mha + out_proj + head) * 64
+
+
+def test_more_arguments_that_are_refused():
+    sens = Sensitivity({"a": {2: 1.0}}, {"a": 0}, {"a": 10}, "test", 0)
+    with pytest.raises(ValueError, match="no layer has one .* use cost='bit_operations'"):
+        ta.assign_bitwidths(sens, 3, (2,))
+    from torchapprox.multiplier_assignment import MultiplierSensitivity
+    from torchapprox.multipliers import exact
+
+    multipliers = MultiplierSensitivity({"a": {"exact": 0.0}}, {"a": 10}, {"exact": exact()}, 0)
+    with pytest.raises(ValueError, match="`budget` must be a positive number, got nan"):
+        ta.assign_multipliers(multipliers, float("nan"))
+
+
+def test_a_run_that_ends_before_the_assignment_epoch_is_refused(tmp_path):
+    from lit_helpers import TinyClassifier, make_trainer
+
+    from callbacks import ConstantBitwidth, MixedPrecision, QuantizationAwareTraining
+
+    with pytest.raises(ValueError, match=r"`at_epoch` 2 is not before the run's end \(max_epochs=2\)"):
+        make_trainer(tmp_path, [QuantizationAwareTraining(schedule=ConstantBitwidth(8), verbose=False),
+                                MixedPrecision(3, at_epoch=2, verbose=False)], max_epochs=2).fit(TinyClassifier())

@@ -68,6 +68,9 @@ def layer_costs(params: Mapping[str, int], macs: Mapping[str, int | None], choic
     if cost not in COSTS:
         raise ValueError(f"`cost` must be one of {', '.join(map(repr, COSTS))}, got {cost!r}")
     total = sum(params.values())
+    if cost == "weights" and not total:
+        raise ValueError("cost='weights' averages the bits of the quantized weights, and no layer has one (attached "
+                         "with weights=False?): use cost='bit_operations'")
     result = {}
     for layer in params:
         if cost == "weights":

@@ -14,7 +14,6 @@ within a limit.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import numbers
 from collections.abc import Callable, Iterable, Sequence
@@ -84,7 +83,7 @@ def multiplier_sensitivity(model: nn.Module, batches: Iterable[Any], loss_fn: Ca
             no layer that can take a multiplier.
     """
     from .qat import quantized_layers
-    from .sensitivity import _batch_size, _loss
+    from .sensitivity import _loss, batch_size, preserved_random_state, working_copy
 
     candidates = list(candidates)
     if not candidates or not all(isinstance(m, Multiplier) for m in candidates):
@@ -99,29 +98,30 @@ def multiplier_sensitivity(model: nn.Module, batches: Iterable[Any], loss_fn: Ca
     batches = list(batches)
     if not batches:
         raise ValueError("`batches` is empty")
-    work = copy.deepcopy(model).eval()
-    layers = {name: layer for name, layer in quantized_layers(work).items()
-              if (t := find_layer_type(layer)) is not None and t.multiplier}
-    if not layers:
-        raise ValueError("`model` has no quantized layer that can take a multiplier (Linear, Conv1d/2d/3d)")
-    macs = count_macs(work, layers, lambda: _loss(work, batches[0], loss_fn), _batch_size(batches[0]))
+    with preserved_random_state(model):
+        work = working_copy(model)
+        layers = {name: layer for name, layer in quantized_layers(work).items()
+                  if (t := find_layer_type(layer)) is not None and t.multiplier}
+        if not layers:
+            raise ValueError("`model` has no quantized layer that can take a multiplier (Linear, Conv1d/2d/3d)")
+        macs = count_macs(work, layers, lambda: _loss(work, batches[0], loss_fn), batch_size(batches[0]))
 
-    def mean_loss() -> float:
-        with torch.no_grad():
-            return sum(float(_loss(work, batch, loss_fn)) for batch in batches) / len(batches)
+        def mean_loss() -> float:
+            with torch.no_grad():
+                return sum(float(_loss(work, batch, loss_fn)) for batch in batches) / len(batches)
 
-    reference = mean_loss()
-    values: dict[str, dict[str, float]] = {}
-    for name, layer in layers.items():
-        before = multiplier_of(layer)
-        values[name] = {}
-        try:
-            for multiplier in candidates:
-                set_multiplier(work, multiplier, _exact_pattern(name))
-                values[name][multiplier.name] = mean_loss() - reference
-        finally:
-            set_multiplier(work, None if before is None else before.multiplier, _exact_pattern(name),
-                           gradient="ste" if before is None else before.gradient)
+        reference = mean_loss()
+        values: dict[str, dict[str, float]] = {}
+        for name, layer in layers.items():
+            before = multiplier_of(layer)
+            values[name] = {}
+            try:
+                for multiplier in candidates:
+                    set_multiplier(work, multiplier, _exact_pattern(name))
+                    values[name][multiplier.name] = mean_loss() - reference
+            finally:
+                set_multiplier(work, None if before is None else before.multiplier, _exact_pattern(name),
+                               gradient="ste" if before is None else before.gradient)
     return MultiplierSensitivity(values, {k: int(v or 0) for k, v in macs.items()},
                                  {m.name: m for m in candidates}, len(batches) * (1 + len(layers) * len(candidates)))
 
@@ -142,8 +142,8 @@ def assign_multipliers(sensitivity: MultiplierSensitivity, budget: float | None 
         raise ValueError("give exactly one of `budget` (a fraction of the exact products' cost) and "
                          "`max_loss_increase`")
     for name, value in (("budget", budget), ("max_loss_increase", max_loss_increase)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0 and
-                                  name == "budget"):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real) or value != value
+                                  or (name == "budget" and not value > 0)):
             raise ValueError(f"`{name}` must be a {'positive ' if name == 'budget' else ''}number, got {value!r}")
     layers = list(sensitivity.values)
     total = sum(sensitivity.macs[layer] for layer in layers) or 1

@@ -28,7 +28,7 @@ from .layers.functional import quantizer_of
 FLOAT_BITS = 32
 
 
-def _macs_of(layer: nn.Module, inputs: tuple, output: Any) -> int | None:
+def _macs_of(layer: nn.Module, inputs: tuple, output: Any, kwargs: dict | None = None) -> int | None:
     """Multiply-accumulates of one call (all samples)."""
     out = output[0] if isinstance(output, tuple) else output
     if not isinstance(out, Tensor):
@@ -42,9 +42,13 @@ def _macs_of(layer: nn.Module, inputs: tuple, output: Any) -> int | None:
         for k in layer.kernel_size:
             taps *= k
         return out.numel() * (layer.in_channels // layer.groups) * taps
-    if isinstance(layer, nn.MultiheadAttention):  # the input projection of query, key and value
-        tokens = inputs[0].numel() // layer.embed_dim if inputs else 0
-        return tokens * 3 * layer.embed_dim * layer.embed_dim
+    if isinstance(layer, nn.MultiheadAttention):  # the input projections of query, key and value
+        kwargs = kwargs or {}
+        operands = [inputs[i] if len(inputs) > i else kwargs.get(key)
+                    for i, key in enumerate(("query", "key", "value"))]
+        dims = (layer.embed_dim, layer.kdim, layer.vdim)
+        return sum(t.numel() // t.shape[-1] * d * layer.embed_dim for t, d in zip(operands, dims)
+                   if isinstance(t, Tensor))
     layer_type = find_layer_type(layer)
     if layer_type is not None and layer_type.name == "transformers.pytorch_utils.Conv1D":
         return out.numel() * layer.weight.shape[0]
@@ -59,12 +63,12 @@ def count_macs(model: nn.Module, layers: dict[str, nn.Module], run: Callable[[],
     counted: dict[str, int | None] = {name: 0 for name in layers}
 
     def hook(name):
-        def record(layer, inputs, output):
-            macs = _macs_of(layer, inputs, output)
+        def record(layer, inputs, kwargs, output):
+            macs = _macs_of(layer, inputs, output, kwargs)
             counted[name] = None if macs is None or counted[name] is None else counted[name] + macs
         return record
 
-    handles = [layer.register_forward_hook(hook(name)) for name, layer in layers.items()]
+    handles = [layer.register_forward_hook(hook(name), with_kwargs=True) for name, layer in layers.items()]
     try:
         run()
     finally:
@@ -88,10 +92,13 @@ def precision_summary(model: nn.Module, example_inputs: Tensor | tuple) -> dict[
         raise ValueError("`model` has no quantized layers: call ta.attach(model) first")
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     batch = inputs[0].shape[0] if inputs and isinstance(inputs[0], Tensor) and inputs[0].dim() else 1
+    from .sensitivity import preserved_random_state
+
     was_training = model.training
     model.eval()
     try:
-        macs = count_macs(model, layers, lambda: model(*inputs), batch)
+        with preserved_random_state(model):
+            macs = count_macs(model, layers, lambda: model(*inputs), batch)
     finally:
         model.train(was_training)
     parameter_bits = parameters = 0

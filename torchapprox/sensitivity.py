@@ -25,10 +25,12 @@ MultiheadAttention's input projection; other types count None).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
+import itertools
 import numbers
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -108,16 +110,40 @@ def sensitivity(model: nn.Module, batches: Iterable[Any], loss_fn: Callable[[nn.
     batches = list(batches)
     if not batches:
         raise ValueError("`batches` is empty: sensitivity needs at least one batch")
-    work = copy.deepcopy(model).eval()
-    layers = quantized_layers(work)
-    groups, params = layer_groups(layers)
-    layer_macs = count_macs(work, layers, lambda: _loss(work, batches[0], loss_fn), _batch_size(batches[0]))
-    macs = group_macs(groups, layer_macs)
-    if method == "direct":
-        values, passes = _direct(work, layers, groups, batches, loss_fn, bitwidths)
-    else:
-        values, passes = _hessian(work, layers, groups, batches, loss_fn, bitwidths, samples, seed)
+    with preserved_random_state(model):
+        work = working_copy(model)
+        layers = quantized_layers(work)
+        groups, params = layer_groups(layers)
+        layer_macs = count_macs(work, layers, lambda: _loss(work, batches[0], loss_fn), batch_size(batches[0]))
+        macs = group_macs(groups, layer_macs)
+        if method == "direct":
+            values, passes = _direct(work, layers, groups, batches, loss_fn, bitwidths)
+        else:
+            values, passes = _hessian(work, layers, groups, batches, loss_fn, bitwidths, samples, seed)
     return Sensitivity(values, params, macs, method, passes, {k: m for k, m in groups.items() if len(m) > 1})
+
+
+def working_copy(model: nn.Module) -> nn.Module:
+    """A deep copy of ``model`` in eval mode. Tensors a module keeps as plain attributes that
+    are not graph leaves (a pruned layer's ``weight``, recomputed from ``weight_orig`` on every
+    forward) cannot be deep-copied: the copy gets their detached values instead, through
+    ``deepcopy``'s memo."""
+    memo: dict[int, Any] = {}
+    for module in model.modules():
+        for value in module.__dict__.values():
+            if isinstance(value, Tensor) and not value.is_leaf:
+                memo[id(value)] = value.detach().clone()
+    return copy.deepcopy(model, memo).eval()
+
+
+@contextlib.contextmanager
+def preserved_random_state(model: nn.Module):
+    """Torch's global random state (CPU, and the CUDA devices the model is on) as it was
+    after the block: a forward or a loss that draws random numbers leaves no trace."""
+    devices = sorted({p.device.index or 0 for p in itertools.chain(model.parameters(), model.buffers())
+                      if p.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices):
+        yield
 
 
 def layer_groups(layers: dict[str, nn.Module]) -> tuple[dict[str, list[str]], dict[str, int]]:
@@ -174,9 +200,16 @@ def _loss(model: nn.Module, batch: Any, loss_fn: Callable) -> Tensor:
     return loss.reshape(())
 
 
-def _batch_size(batch: Any) -> int:
-    first = batch[0] if isinstance(batch, (tuple, list)) else batch
-    return int(first.shape[0]) if isinstance(first, Tensor) and first.dim() else 1
+def batch_size(batch: Any) -> int:
+    """The first dimension of the first tensor in a batch (a tensor, or a tuple, list or dict
+    of them, nested); 1 when it holds none."""
+    if isinstance(batch, Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    items = batch.values() if isinstance(batch, Mapping) else batch if isinstance(batch, (tuple, list)) else ()
+    for item in items:
+        if isinstance(item, (Tensor, Mapping, tuple, list)):
+            return batch_size(item)
+    return 1
 
 
 # ------------------------------------------------------------------------------ direct
@@ -214,6 +247,16 @@ def _direct(work, layers, groups, batches, loss_fn, bitwidths):
 
 
 # ------------------------------------------------------------------------------ hessian
+def _source_parameter(layer: nn.Module, name: str) -> Tensor | None:
+    """The leaf Parameter a weight comes from: itself, ``weight_orig`` of a pruned weight, or
+    the original of a parametrized one (the curvature is taken along it)."""
+    from torch.nn.utils import parametrize
+
+    if parametrize.is_parametrized(layer, name):
+        return layer.parametrizations[name].original
+    return layer._parameters.get(f"{name}_orig", layer._parameters.get(name))
+
+
 def _error_power(quantizer, tensor: Tensor, bits: int) -> float:
     """||Q_b(t) - t||^2 with a copy of the quantizer set to ``bits``."""
     q = copy.deepcopy(quantizer)
@@ -237,15 +280,23 @@ def _hessian(work, layers, groups, batches, loss_fn, bitwidths, samples, seed):
         inputs: dict[str, Tensor] = {}
 
         def perturb(name):
-            def hook(layer, args):
-                if not args or not isinstance(args[0], Tensor) or not args[0].is_floating_point():
+            def hook(layer, args, kwargs):
+                # the first input: the first positional argument, else the first keyword one
+                # (attention called as mha(query=..., key=..., value=...))
+                if args:
+                    key, value = 0, args[0]
+                else:
+                    key, value = next(iter(kwargs.items()), (None, None))
+                if not isinstance(value, Tensor) or not value.is_floating_point():
                     return None
-                delta = torch.zeros_like(args[0], requires_grad=True)
-                deltas[name], inputs[name] = delta, args[0].detach()
-                return (args[0] + delta, *args[1:])
+                delta = torch.zeros_like(value, requires_grad=True)
+                deltas[name], inputs[name] = delta, value.detach()
+                if key == 0:
+                    return (value + delta, *args[1:]), kwargs
+                return args, {**kwargs, key: value + delta}
             return hook
 
-        handles = [layer.register_forward_pre_hook(perturb(name)) for name, layer in layers.items()]
+        handles = [layer.register_forward_pre_hook(perturb(name), with_kwargs=True) for name, layer in layers.items()]
         try:
             # Hessian-vector products differentiate the backward: attention's fused CPU/GPU
             # kernels have no second derivative, its plain-math form has one.
@@ -258,7 +309,7 @@ def _hessian(work, layers, groups, batches, loss_fn, bitwidths, samples, seed):
         seen: set[int] = set()  # a tied weight is one tensor: its term counts once
         for name, layer in layers.items():
             for w in quantizers[name][0]:
-                parameter = layer._parameters.get(w)
+                parameter = _source_parameter(layer, w)
                 if parameter is not None and parameter.requires_grad and id(parameter) not in seen:
                     seen.add(id(parameter))
                     targets.append((name, w, parameter))
@@ -282,8 +333,9 @@ def _hessian(work, layers, groups, batches, loss_fn, bitwidths, samples, seed):
             if what == "input":
                 quantizer = next(iter(quantizers[name][1].values()))
                 source = inputs[name]
-            else:
-                quantizer, source = quantizers[name][0][what], tensor
+            else:  # the error of the weight the layer uses (a pruned or parametrized one's value)
+                with torch.no_grad():
+                    quantizer, source = quantizers[name][0][what], getattr(layers[name], what)
             for bits in bitwidths:
                 values[group_of[name]][bits] += 0.5 * curvature * _error_power(quantizer, source, bits) / len(batches)
     return values, len(batches) * (2 + samples)
