@@ -18,8 +18,6 @@ Rebuild them at any time: ``python -m experiments.multiplier_summary multirun/<t
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import statistics
 import sys
@@ -31,7 +29,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from experiments.sweep_summary import collect_jobs, write_atomically
+from experiments.sweep_summary import collect_jobs, write_table_files
 
 METRIC = "test/acc"
 
@@ -98,18 +96,7 @@ def summarize(sweep_dir: Path) -> list[dict[str, Any]]:
     if not rows:
         print(f"multiplier summary: no finished multiplier jobs in {sweep_dir}", file=sys.stderr)
         return rows
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(sweep_dir / "multipliers.csv", table.getvalue().encode())
-    write_atomically(sweep_dir / "multipliers.md", markdown(rows, skipped).encode())
-    temporary = sweep_dir / f".multipliers.{os.getpid()}.png"
-    try:
-        plot(rows, temporary)
-        temporary.replace(sweep_dir / "multipliers.png")
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_table_files(sweep_dir, "multipliers", rows, markdown(rows, skipped), lambda path: plot(rows, path))
     print(f"multiplier summary: {sweep_dir / 'multipliers.md'}", flush=True)
     return rows
 

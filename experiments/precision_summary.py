@@ -13,8 +13,6 @@ over seeds) and ``precision.png`` (the Pareto plot). Rebuild them with
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import os
 import statistics
 import sys
@@ -26,7 +24,7 @@ import yaml
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from experiments.sweep_summary import collect_jobs, lower_is_better, percent, write_atomically
+from experiments.sweep_summary import collect_jobs, lower_is_better, percent, write_table_files
 
 FIELDS = ("average_bits", "size_bytes", "bit_operations")
 
@@ -76,18 +74,7 @@ def summarize(sweep_dir: Path, metric: str = "test/acc") -> list[dict[str, Any]]
     if not rows:
         print(f"precision summary: no finished mixed-precision jobs in {sweep_dir}", file=sys.stderr)
         return rows
-    table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    write_atomically(sweep_dir / "precision.csv", table.getvalue().encode())
-    write_atomically(sweep_dir / "precision.md", markdown(rows, metric).encode())
-    temporary = sweep_dir / f".precision.{os.getpid()}.png"
-    try:
-        plot(rows, temporary, metric)
-        temporary.replace(sweep_dir / "precision.png")
-    finally:
-        temporary.unlink(missing_ok=True)
+    write_table_files(sweep_dir, "precision", rows, markdown(rows, metric), lambda path: plot(rows, path, metric))
     print(f"precision summary: {sweep_dir / 'precision.md'}", flush=True)
     return rows
 

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import os
 import statistics
 import sys
 from collections import defaultdict
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -175,19 +177,25 @@ def aggregate(rows: list[dict[str, Any]], metric: str) -> list[dict[str, Any]]:
 
 def write_summary(rows: list[dict[str, Any]], sweep_dir: Path, metric: str = "test/acc") -> None:
     """summary.csv, summary.md and summary.png, each replaced atomically."""
-    import io
+    cells = aggregate(rows, metric)
+    write_table_files(sweep_dir, "summary", rows, _markdown(rows, cells, metric),
+                      lambda path: _plot(cells, path, metric), fieldnames=columns(rows))
 
+
+def write_table_files(sweep_dir: Path, stem: str, rows: list[dict[str, Any]], markdown: str,
+                      plot: Callable[[Path], None], fieldnames: list[str] | None = None) -> None:
+    """``<stem>.csv`` (the rows), ``<stem>.md`` and ``<stem>.png`` (``plot(path)`` draws it),
+    each written beside its target and renamed over it: a crash leaves the old file whole."""
     table = io.StringIO()
-    writer = csv.DictWriter(table, fieldnames=columns(rows), extrasaction="ignore")
+    writer = csv.DictWriter(table, fieldnames=fieldnames or list(rows[0]), extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    write_atomically(sweep_dir / "summary.csv", table.getvalue().encode())
-    cells = aggregate(rows, metric)
-    write_atomically(sweep_dir / "summary.md", _markdown(rows, cells, metric).encode())
-    temporary = sweep_dir / f".summary.{os.getpid()}.png"
+    write_atomically(sweep_dir / f"{stem}.csv", table.getvalue().encode())
+    write_atomically(sweep_dir / f"{stem}.md", markdown.encode())
+    temporary = sweep_dir / f".{stem}.{os.getpid()}.png"
     try:
-        _plot(cells, temporary, metric)
-        temporary.replace(sweep_dir / "summary.png")
+        plot(temporary)
+        temporary.replace(sweep_dir / f"{stem}.png")
     finally:
         temporary.unlink(missing_ok=True)
 
