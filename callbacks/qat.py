@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.model_helpers import is_overridden
 
 import torchapprox as ta
+from torchapprox import batchnorm_fold
 from torchapprox.calibration import calibrate
 from torchapprox.layers import find_layer_type, registered_types
 from torchapprox.shortcuts import apply_shortcuts
@@ -97,6 +98,13 @@ class QuantizationAwareTraining(Callback):
             0 (default): dynamic scales throughout. The ranges are kept in this callback's
             checkpoint state. When training ends early (early stopping, ``max_time``) the
             calibration runs when it ends, after the last validation.
+        quantize_pooling: also quantize the inputs of pooling layers (see
+            :func:`torchapprox.attach`): a convolution before pooling then has a quantized
+            output, which ONNX Runtime runs as an integer kernel.
+        freeze_batchnorm: with ``weight.fold_batchnorm``, the fraction of the training
+            epochs after which the folded BatchNorm statistics freeze (training then uses
+            the running statistics, exactly the exported folded layer; Jacob et al. 2018),
+            a number in [0, 1]; None (default): never.
         strict_schedule: when the run is too short for the schedule to reach its final
             bits, stop before training with an error (True; the app's setting) or warn and
             train anyway (False, the default: the run may be the first part of one resumed).
@@ -148,6 +156,8 @@ class QuantizationAwareTraining(Callback):
         range_gradient: bool | str | None = None,
         eval_range: str | None = None,
         per_token_inputs: bool | None = None,
+        quantize_pooling: bool = False,
+        freeze_batchnorm: float | None = None,
         bn_reestimate: bool = False,
         lr_rewarm_steps: int = 0,
     ) -> None:
@@ -188,6 +198,16 @@ class QuantizationAwareTraining(Callback):
             raise ValueError("the input spec has range='static', whose ranges calibration freezes: give "
                              "`calibrate_batches` (training batches to calibrate on, e.g. 16)")
         self.strict_schedule = check_bool(strict_schedule, "strict_schedule")
+        self.quantize_pooling = check_bool(quantize_pooling, "quantize_pooling")
+        if freeze_batchnorm is not None and (isinstance(freeze_batchnorm, bool)
+                                             or not isinstance(freeze_batchnorm, numbers.Real)
+                                             or not 0 <= freeze_batchnorm <= 1):
+            raise ValueError(f"`freeze_batchnorm` must be None or a fraction of the training epochs in [0, 1], "
+                             f"got {freeze_batchnorm!r}")
+        if freeze_batchnorm is not None and (self.weight_spec is None or not self._folds_any()):
+            raise ValueError(f"`freeze_batchnorm={freeze_batchnorm}` freezes the statistics of folded BatchNorm, and "
+                             "no weight spec or rule sets fold_batchnorm=True")
+        self.freeze_batchnorm = None if freeze_batchnorm is None else float(freeze_batchnorm)
         self.companions: list[Callback] = []  # made from the legacy keywords; hooks forwarded
         if check_bool(bn_reestimate, "bn_reestimate"):
             self.companions.append(BatchNormReestimation())
@@ -266,7 +286,7 @@ class QuantizationAwareTraining(Callback):
         """
         previous = self._module() if self._module is not None else None
         candidates = [name for name, layer in pl_module.named_modules()
-                      if find_layer_type(layer) is not None and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)]
+                      if self._candidate(layer) and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)]
         if previous is pl_module and ta.quantized_layers(pl_module) and set(candidates) <= set(self.quantized_layers):
             return self.quantized_layers
         if previous is not pl_module and self._quantizes_as_configured(pl_module):
@@ -286,7 +306,8 @@ class QuantizationAwareTraining(Callback):
         self.quantized_layers = ta.attach(pl_module, self.bitwidth, weight=self.weight_spec, input=self.input_spec,
                                           rules=self.rules, exclude=self.exclude,
                                           weights=self.weight_spec is not None,
-                                          activations=self.input_spec is not None)
+                                          activations=self.input_spec is not None,
+                                          quantize_pooling=self.quantize_pooling)
         if not self.quantized_layers:
             excluded = f" (exclude={list(self.exclude)})" if self.exclude else ""
             raise ValueError(
@@ -303,6 +324,15 @@ class QuantizationAwareTraining(Callback):
             rank_zero_info(f"QuantizationAwareTraining: {ta.coverage_summary(pl_module)}")
         return self.quantized_layers
 
+    def _folds_any(self) -> bool:
+        return self.weight_spec.fold_batchnorm or any(
+            rule.get("fold_batchnorm") or (rule.get("weight") or {}).get("fold_batchnorm") for rule in self.rules.values())
+
+    def _candidate(self, layer: torch.nn.Module) -> bool:
+        """Whether attach() would consider this layer (pooling only with quantize_pooling)."""
+        layer_type = find_layer_type(layer)
+        return layer_type is not None and (self.quantize_pooling or not layer_type.pooling)
+
     def _quantizes_as_configured(self, pl_module: LightningModule) -> bool:
         """Whether ``pl_module`` carries exactly the quantizers this callback would attach
         (the same layers, tensors and specs; bits aside where no rule pins them)."""
@@ -312,10 +342,10 @@ class QuantizationAwareTraining(Callback):
         expected = {}
         for name, layer in pl_module.named_modules():
             layer_type = find_layer_type(layer)
-            if layer_type is None or any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
+            if not self._candidate(layer) or any(fnmatch.fnmatchcase(name, p) for p in self.exclude):
                 continue
             specs = resolve(name, self.weight_spec, self.input_spec, self.rules)
-            if specs.weight is not None or specs.input is not None:
+            if specs.weight is not None and not layer_type.pooling or specs.input is not None:
                 expected[name] = (layer_type, specs)
         if set(expected) != set(existing):
             return False
@@ -397,6 +427,8 @@ class QuantizationAwareTraining(Callback):
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ensure_attached(pl_module)
+        # The strategy may have replaced BatchNorm modules since setup (sync_batchnorm).
+        batchnorm_fold.rebind(pl_module)
         self._add_tensorboard_layout(trainer)
 
     def _add_tensorboard_layout(self, trainer: Trainer) -> None:
@@ -424,6 +456,16 @@ class QuantizationAwareTraining(Callback):
     def on_train_epoch_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.interval == "epoch":
             self._apply(trainer.current_epoch, trainer, pl_module)
+        if self.freeze_batchnorm is not None and trainer.max_epochs is not None and trainer.max_epochs > 0:
+            # A function of the epoch, so a resumed run freezes where the uninterrupted one did.
+            frozen = trainer.current_epoch >= math.ceil(self.freeze_batchnorm * trainer.max_epochs)
+            if batchnorm_fold.batchnorm_frozen(pl_module) is False and frozen:
+                ta.freeze_batchnorm(pl_module, True)
+                if self.verbose:
+                    rank_zero_info(f"QuantizationAwareTraining: epoch {trainer.current_epoch}, folded BatchNorm "
+                                   "statistics frozen")
+            elif batchnorm_fold.batchnorm_frozen(pl_module) and not frozen:
+                ta.freeze_batchnorm(pl_module, False)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         for companion in self.companions:
@@ -452,6 +494,7 @@ class QuantizationAwareTraining(Callback):
 
     def on_test_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self._ensure_attached(pl_module)
+        batchnorm_fold.rebind(pl_module)
         if self.epoch is not None or not self._adopted:
             self._apply(self.epoch if self.epoch is not None else self._position(trainer), trainer, pl_module)
         # else: a model trained elsewhere, evaluated as it is (no checkpoint says its epoch)

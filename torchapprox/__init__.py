@@ -2,6 +2,7 @@
 
 from .approximation import assigned_multipliers, set_multiplier
 from .assignment import Assignment, assign_bitwidths
+from .batchnorm_fold import freeze_batchnorm
 from .calibration import calibrate
 from .coverage import coverage, coverage_summary
 from .export import export_onnx
@@ -35,6 +36,7 @@ __all__ = [
     "enable_statistics",
     "export_onnx",
     "float_state_dict",
+    "freeze_batchnorm",
     "load_quantizer_state",
     "multiplier_sensitivity",
     "quantization_state",

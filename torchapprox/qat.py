@@ -11,10 +11,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from . import batchnorm_fold
 from .approximation import (check_operands, install_multipliers, multiplier_state, multipliers_from_state,
                             remove_multiplier, report_unable, why_not)
 from .layers import find_layer_type
 from .layers.approximate import MultiplierSetting
+from .layers.folded import folded_weight
 from .layers.functional import quantizer_of
 from .layers.registry import LayerType
 from .multipliers import Multiplier
@@ -54,6 +56,8 @@ def attach(
     per_token_inputs: bool | None = None,
     multiplier: Multiplier | None = None,
     multiplier_gradient: str = "ste",
+    fold_batchnorm: bool | None = None,
+    quantize_pooling: bool = False,
 ) -> list[str]:
     """Put quantizers on the weights and inputs of ``model``'s layers, as specs describe.
 
@@ -82,6 +86,14 @@ def attach(
             Default None: exact products. See :func:`torchapprox.set_multiplier`.
         multiplier_gradient: the products' gradient, ``"ste"`` (the exact product's) or
             ``"table"`` (the table's local slopes); rules may set ``"multiplier_gradient"``.
+        fold_batchnorm: ``weight.fold_batchnorm``: fold each BatchNorm that follows a
+            quantized Conv1d/2d/3d or Linear into its weight, in training too, so that the
+            trained integer weights are the exported folded layer's (pairs found with
+            ``torch.fx``; see :mod:`torchapprox.batchnorm_fold`). Rules may set it per layer.
+        quantize_pooling: also quantize the inputs of pooling layers (AvgPool,
+            AdaptiveAvgPool, MaxPool; with the input spec), so that a convolution followed
+            by pooling has a quantized output, which ONNX Runtime fuses into an integer
+            kernel (``QLinearConv``). Default False.
 
     Shortcuts (kept for one release; each given one replaces a field of the specs):
         bitwidth_overrides: ``{pattern: bits}``, rules that pin bits (the first matching
@@ -130,10 +142,17 @@ def attach(
         weight_spec, input_spec, checked_rules, bitwidth=bitwidth, activation_grid=activation_grid,
         recompute_inputs=recompute_inputs, per_channel_weights=per_channel_weights, range_gradient=range_gradient,
         eval_range=eval_range, per_token_inputs=per_token_inputs, bitwidth_overrides=bitwidth_overrides)
+    if fold_batchnorm is not None:
+        fold = check_bool(fold_batchnorm, "fold_batchnorm")
+        if weight_spec is None and fold:
+            raise ValueError("`fold_batchnorm=True` folds BatchNorm into quantized weights, and `weights` is False")
+        if weight_spec is not None:
+            weight_spec = weight_spec.replace(fold_batchnorm=fold)
     patterns = check_patterns(exclude)
 
+    pooling = check_bool(quantize_pooling, "quantize_pooling")
     candidates = {name: (layer, layer_type) for name, layer in model.named_modules()
-                  if (layer_type := find_layer_type(layer)) is not None}
+                  if (layer_type := find_layer_type(layer)) is not None and (pooling or not layer_type.pooling)}
     for argument, given in (("exclude", patterns), ("rules", checked_rules), ("bitwidth_overrides",
                                                                              bitwidth_overrides or {})):
         _warn_unmatched(given, list(candidates), argument)
@@ -144,13 +163,31 @@ def attach(
         specs = resolve(name, weight_spec, input_spec, all_rules)
         if specs.weight is None and specs.input is None:
             continue
-        plans[name] = _plan_layer(name, layer, layer_type, specs)
-        layer_settings[name] = specs.layer
+        plan = _plan_layer(name, layer, layer_type, specs)
+        if plan.weights or plan.inputs:  # a pooling layer without an input spec has nothing
+            plans[name] = plan
+            layer_settings[name] = specs.layer
     products = _plan_products(plans, layer_settings, multiplier, multiplier_gradient)
+    pairs = _plan_folds(model, plans, products)
     _apply(model, plans)
     install_multipliers(model, products)
+    batchnorm_fold.install(model, pairs)
     _warn_float_layers(model, excluded=[n for n in candidates if n not in plans])
     return list(plans)
+
+
+def _plan_folds(model: nn.Module, plans: dict[str, _LayerPlan], products: dict) -> dict[str, str]:
+    """``{layer: BatchNorm}`` to fold: the planned layers whose weight spec asks for it."""
+    asked = [name for name, plan in plans.items() if any(entry[0].fold_batchnorm for entry in plan.weights.values())]
+    pairs = batchnorm_fold.find_pairs(model, asked)
+    if asked and not pairs:
+        warnings.warn("fold_batchnorm=True found no Conv1d/2d/3d or Linear followed by BatchNorm to fold",
+                      UserWarning, stacklevel=3)
+    both = [name for name in pairs if products.get(name) is not None]
+    if both:
+        raise ValueError(f"layers {', '.join(both[:8])} would both fold their BatchNorm and compute with an approximate "
+                         "multiplier, which is not supported: exclude them from one of the two with a rule")
+    return pairs
 
 
 def _plan_products(plans: dict[str, _LayerPlan], layer_settings: dict[str, dict[str, Any]],
@@ -208,6 +245,9 @@ def _check_role(spec: QuantSpec, role: str, layer_name: str) -> None:
     if role == "weight" and spec.range != "dynamic":
         raise ValueError(f"layer {layer_name!r}: the weight spec has range={spec.range!r}, which is for inputs "
                          "(a weight's scale comes from the weight itself): use range='dynamic'")
+    if role == "input" and spec.fold_batchnorm:
+        raise ValueError(f"layer {layer_name!r}: the input spec has fold_batchnorm=True, which is for weights "
+                         "(the BatchNorm after a layer is folded into its weight)")
     if role == "input" and spec.granularity == "per_channel":
         raise ValueError(f"layer {layer_name!r}: the input spec has granularity='per_channel', which is for weights; "
                          "inputs take 'per_tensor' or 'per_token' (a rule can set one role: {'weight': {...}})")
@@ -422,7 +462,8 @@ def quantization_state(model: nn.Module) -> dict[str, Any]:
                                  "channel_axis": quantizer.channel_axis, "channel_groups": quantizer.channel_groups}
                         for tensor in (*weights, *inputs) if (quantizer := quantizer_of(layer, tensor)) is not None}
     tensors = {key: value.cpu() for key, value in quantizer_state(model).items()}
-    return {"format": STATE_FORMAT, "layers": layers, "tensors": tensors, "multipliers": multiplier_state(model)}
+    return {"format": STATE_FORMAT, "layers": layers, "tensors": tensors, "multipliers": multiplier_state(model),
+            "batchnorm_folds": batchnorm_fold.folds(model)}
 
 
 def restore_quantization(model: nn.Module, state: Mapping[str, Any]) -> list[str]:
@@ -455,8 +496,20 @@ def restore_quantization(model: nn.Module, state: Mapping[str, Any]) -> list[str
         if owner not in quantizers:
             raise ValueError(f"the saved quantizer state {key!r} belongs to no saved quantizer")
         _check_state_entry(quantizers[owner], owner, tensor_name, key, tensor)
+    folds = dict(state.get("batchnorm_folds") or {})
+    for layer_name, batchnorm_name in folds.items():
+        if layer_name not in plans:
+            raise ValueError(f"the saved quantization folds a BatchNorm into {layer_name!r}, which it does not quantize")
+        try:
+            batchnorm = model.get_submodule(batchnorm_name)
+        except AttributeError:
+            raise ValueError(f"the saved quantization folds {batchnorm_name!r}, which the model does not have") from None
+        if not batchnorm_fold.foldable(plans[layer_name].layer, batchnorm):
+            raise ValueError(f"the saved quantization folds {batchnorm_name!r} ({type(batchnorm).__name__}) into "
+                             f"{layer_name!r}, which cannot take it")
     _install_built(model, plans, built)
     install_multipliers(model, products)
+    batchnorm_fold.install(model, folds)
     for key, tensor in tensors.items():
         owner, _, tensor_name = key.rpartition(".")
         quantizers[owner].load_state_tensors({tensor_name: tensor}, owner)
@@ -521,6 +574,7 @@ def detach(model: nn.Module, bake: bool = False) -> list[str]:
     bake = check_bool(bake, "bake")
     if bake:
         _bake(model)
+    batchnorm_fold.remove(model)
     detached = []
     for name, layer in model.named_modules():
         if hasattr(layer, _NESTED_ATTR):
@@ -551,7 +605,16 @@ def _bake(model: nn.Module) -> None:
             users.setdefault(id(source), []).append(f"{layer_name}.{weight_name}" if layer_name else weight_name)
             if id(source) not in plans:
                 quantizer = quantizer_of(layer, weight_name)
-                value, _ = quantizer.fake_quantize(getattr(layer, weight_name))
+                fold = batchnorm_fold.fold_of(layer)
+                if fold is not None and weight_name == "weight":
+                    # The folded weight's grid values, unfolded: the BatchNorm (running
+                    # statistics) scales them back in eval.
+                    value, _ = quantizer.fake_quantize(folded_weight(layer, fold))
+                    factor = fold.factors()[0]
+                    safe = torch.where(factor == 0, torch.ones_like(factor), factor)
+                    value = value / safe.reshape(-1, *[1] * (value.dim() - 1))
+                else:
+                    value, _ = quantizer.fake_quantize(getattr(layer, weight_name))
                 plans[id(source)] = (layer, weight_name, value)
     _check_no_float_users(model, plans, users)
     for layer, weight_name, value in plans.values():

@@ -62,6 +62,9 @@ class QuantSpec:
     - ``momentum``: the running range's update weight, in (0, 1].
     - ``recompute``: inputs: a layer keeps its float input for backward and recomputes the
       grid values there (True), or keeps the grid values (False: faster, more memory).
+    - ``fold_batchnorm``: weights of a Conv1d/2d/3d or Linear followed by BatchNorm: fold
+      the BatchNorm into the weight before quantizing it, in training too (the integer
+      weights are the folded layer's; see :mod:`torchapprox.batchnorm_fold`). Weights only.
     - ``options``: family-specific settings, a dict (checked by the family, e.g.
       ``{"clip": 1.0}``); stored as a sorted tuple of pairs so that the spec stays hashable.
 
@@ -83,6 +86,7 @@ class QuantSpec:
     range_gradient: bool = False
     momentum: float = 0.1
     recompute: bool = True
+    fold_batchnorm: bool = False
     options: Any = ()
 
     def __post_init__(self) -> None:
@@ -99,6 +103,7 @@ class QuantSpec:
         _choice("range", self.range, RANGES)
         _flag("range_gradient", self.range_gradient)
         _flag("recompute", self.recompute)
+        _flag("fold_batchnorm", self.fold_batchnorm)
         momentum = self.momentum
         if isinstance(momentum, bool) or not isinstance(momentum, numbers.Real) or not 0 < momentum <= 1:
             raise ValueError(f"QuantSpec `momentum` must be a number in (0, 1], got {momentum!r}")
@@ -194,6 +199,7 @@ def as_spec(value: QuantSpec | Mapping[str, Any] | None, argument: str, default:
 # ------------------------------------------------------------------------------- rules
 ROLES = ("weight", "input")
 LAYER_KEYS = ("multiplier", "multiplier_gradient")  # settings of the layer's products, not of a spec
+WEIGHT_ONLY = ("fold_batchnorm",)  # a rule's field that only a weight spec takes
 RULE_KEYS = (*FIELD_NAMES, "weight", "input", "enabled", *LAYER_KEYS)
 
 
@@ -262,6 +268,8 @@ def resolve(layer_name: str, weight: QuantSpec | None, input: QuantSpec | None,
                 layer[key] = value
             elif key in ROLES:
                 changes[key].update(value)
+            elif key in WEIGHT_ONLY:
+                changes["weight"][key] = value
             else:
                 changes["weight"][key] = value
                 changes["input"][key] = value

@@ -18,7 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from ..approximation import assigned_multipliers, remove_multiplier
-from ..layers.functional import quantizer_of
+from ..batchnorm_fold import fold_of
+from ..layers.folded import folded_weight
+from ..layers.functional import BIAS_LIMIT, quantizer_of
 from ..qat import quantized_layers, quantized_tensor_names
 from ..quantizers import ApproxQuantizer
 from ..quantizers.qparams import QParams, levels
@@ -65,7 +67,15 @@ class _ExportedWeight(ApproxQuantizer):
 
 class _ExportedConstantInput(ApproxQuantizer):
     """An input whose parameters are constant (a calibrated or running range, a learned
-    step), frozen at export into initializers; its levels in the tightest integer type."""
+    step), frozen at export into initializers; its levels in the tightest integer type.
+
+    A calibrated range becomes a range of levels (``clamp(x, low, high)`` then rounding
+    gives the same levels as rounding then clamping to ``round(low / step)`` ..
+    ``round(high / step)``: rounding is monotone), so the exported input is
+    ``QuantizeLinear``, an integer ``Clip`` where those levels are fewer than the type holds,
+    ``DequantizeLinear``: the ``QuantizeLinear`` directly after the layer that produced the
+    tensor, the pattern ONNX Runtime fuses into that layer's integer kernel.
+    """
 
     def __init__(self, quantizer: ApproxQuantizer, qp: QParams, where: str) -> None:
         super().__init__(quantizer.spec, role="input")
@@ -77,18 +87,12 @@ class _ExportedConstantInput(ApproxQuantizer):
         if qp.clip is None:
             ops.check_grid(quantizer.bitwidth, quantizer.grid, where)
         try:
-            ops.container(min(qmin, 0), max(qmax, 0))
+            ops.container(min(qmin, zero), max(qmax, zero))
         except ValueError as error:
             raise ValueError(f"{where}: {error}") from None
         self.register_buffer("step", qp.scale.float())
         self.register_buffer("zero", None if qp.zero_point is None else qp.zero_point.float())
-        clip = None
-        if qp.clip is not None:
-            self.register_buffer("low", qp.clip[0].float())
-            self.register_buffer("high", qp.clip[1].float())
-            clip = (self.low, self.high)
-        self._qparams = QParams(self.step, min(qmin, 0), max(qmax, 0), self.zero, clip, constant=True,
-                                may_clamp=qp.may_clamp)
+        self._qparams = QParams(self.step, qmin, qmax, self.zero, None, constant=True, may_clamp=True)
 
     def compute_qparams(self, x: Tensor) -> QParams:
         return self._qparams
@@ -136,11 +140,37 @@ def prepare_for_export(model: nn.Module, exact_products: bool = False) -> nn.Mod
             where = f"{layer_name or 'model'}.{tensor}_quantizer"
             if id(quantizer) not in replaced:  # a tied weight's quantizer is replaced once
                 if tensor in weights:
-                    replaced[id(quantizer)] = _ExportedWeight(quantizer, getattr(layer, tensor), where)
+                    fold = fold_of(layer)
+                    value = folded_weight(layer, fold) if fold is not None and tensor == "weight" else getattr(layer, tensor)
+                    replaced[id(quantizer)] = _ExportedWeight(quantizer, value, where)
                 else:
                     replaced[id(quantizer)] = _exported_input(quantizer, where)
             setattr(layer, f"{tensor}_quantizer", replaced[id(quantizer)])
+        _check_bias_fits(layer_name, layer)
     return exported
+
+
+@torch.no_grad()
+def _check_bias_fits(layer_name: str, layer: nn.Module) -> None:
+    """Raise where the exported int32 bias would differ from the model's: a bias on the
+    accumulator grid whose level does not fit in int32 (the layer keeps that channel's
+    float bias, which ``DequantizeLinear`` of an int32 cannot give)."""
+    weight, input = quantizer_of(layer, "weight"), quantizer_of(layer, "input")
+    if not isinstance(weight, _ExportedWeight) or not isinstance(input, _ExportedConstantInput):
+        return
+    fold = fold_of(layer)
+    bias = getattr(layer, "bias", None)
+    if fold is not None:
+        factor, shift = fold.factors()
+        bias = shift if bias is None else shift + bias * factor
+    if not isinstance(bias, Tensor) or input.step.dim() != 0 or input.zero is not None:
+        return
+    step = input.step * weight._qparams.channel_scale()
+    level = torch.round(bias.float() / step)
+    if not bool(torch.logical_and(level.abs() <= BIAS_LIMIT, torch.isfinite(level)).all()):
+        raise ValueError(f"{layer_name or 'model'}: its bias does not fit in int32 at the accumulator's step (input step "
+                         "times weight step), where the integer graph adds it; this happens with tiny steps (16-bit "
+                         "inputs and weights): export at fewer bits or without the bias")
 
 
 def translation_table() -> dict:
@@ -154,24 +184,28 @@ def translation_table() -> dict:
         return op.DequantizeLinear(q, scale, zero_point, axis=max(axis, 0))  # a per-tensor scale's axis is ignored
 
     def export_qdq(x, scale, zero_point, qmin: int, qmax: int, may_clamp: bool):
-        dtype = ops.container(qmin, qmax)
-        if zero_point is None:
-            zero = op.Cast(op.Constant(value_int=0), to=_ONNX_TYPES[dtype])
-            zero_float = op.CastLike(0.0, x)
-        else:
-            zero, zero_float = op.Cast(zero_point, to=_ONNX_TYPES[dtype]), zero_point
+        dtype = ops.container(min(qmin, 0), max(qmax, 0))
+        onnx_type = _ONNX_TYPES[dtype]
+        zero = op.Cast(op.Constant(value_int=0), to=onnx_type) if zero_point is None else op.Cast(zero_point, to=onnx_type)
+        q = op.QuantizeLinear(x, scale, zero)
         low, high = next((lo, hi) for t, lo, hi in ops.CONTAINERS if t == dtype)
         if may_clamp and (qmin > low or qmax < high):
-            # QuantizeLinear saturates to its type's range only: clamp to the grid's first.
-            lower = op.Mul(op.Sub(op.CastLike(float(qmin), x), zero_float), scale)
-            upper = op.Mul(op.Sub(op.CastLike(float(qmax), x), zero_float), scale)
-            x = op.Clip(x, lower, upper)
-        return op.DequantizeLinear(op.QuantizeLinear(x, scale, zero), scale, zero)
+            # QuantizeLinear saturates to its type's range only: clamp the levels to the
+            # grid's (an integer Clip after it: the QuantizeLinear stays next to the layer
+            # that produced x, where ONNX Runtime fuses it into an integer kernel).
+            q = op.Clip(q, op.Cast(op.Constant(value_int=qmin), to=onnx_type),
+                        op.Cast(op.Constant(value_int=qmax), to=onnx_type))
+        return op.DequantizeLinear(q, scale, zero)
+
+    def bias_on_grid(bias, step):
+        levels = op.Cast(op.Round(op.Div(bias, step)), to=6)  # onnx.TensorProto.INT32
+        return op.DequantizeLinear(levels, step, axis=0)  # a per-tensor step's axis is ignored
 
     del onnx  # imported to fail early, with its own message, when it is missing
     return {
         torch.ops.torchapprox.dequantize.default: dequantize,
         torch.ops.torchapprox.export_qdq.default: export_qdq,
+        torch.ops.torchapprox.bias_on_grid.default: bias_on_grid,
     }
 
 
@@ -184,6 +218,7 @@ def export_onnx(
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
     exact_products: bool = False,
+    pack_weights: bool = True,
 ) -> Path:
     """Write ``model`` (attached with ``torchapprox.attach``) as an ONNX model in QDQ form.
 
@@ -211,6 +246,12 @@ def export_onnx(
         path: the ``.onnx`` file to write.
         dynamic_batch: the first dimension of every input may vary.
         input_names, output_names: names of the graph's inputs and outputs.
+        pack_weights: store the integer weights of layers at 4 bits or fewer in ONNX's
+            INT4/UINT4 types, two per byte (the file about half the int8 one's size). ONNX
+            Runtime dequantizes them and computes those layers in float: it fuses int8
+            weights, not packed ones, into integer kernels, so ``pack_weights=False``
+            (int8 containers) is the faster file. Where ONNX Runtime (when installed)
+            cannot load the packed file, the weights stay int8 and a warning says so.
         exact_products: export a model whose layers compute with approximate multipliers
             (``ta.set_multiplier``) with exact products instead; without it such a model is
             refused (ONNX has no approximate product).
@@ -249,10 +290,36 @@ def export_onnx(
                 output_names=list(output_names) if output_names else None, external_data=False, verbose=False,
             )
         strip_debug_info(temporary)
+        if check_bool(pack_weights, "pack_weights"):
+            _pack(temporary, low_bit_weight_names(exported))
         os.replace(temporary, path)  # one self-contained file, replaced atomically
     finally:
         temporary.unlink(missing_ok=True)
     return path
+
+
+def low_bit_weight_names(exported: nn.Module) -> list[str]:
+    """The names of the integer weight buffers of ``prepare_for_export``'s copy whose layers
+    quantize at 4 bits or fewer (the ONNX initializers :func:`pack_low_bit_weights` packs)."""
+    return [f"{name}.levels" if name else "levels" for name, module in exported.named_modules()
+            if isinstance(module, _ExportedWeight) and module.bitwidth <= 4]
+
+
+def _pack(path: Path, names: list[str]) -> None:
+    if not names:
+        return
+    original = path.read_bytes()
+    packed = pack_low_bit_weights(path, names)
+    try:
+        import onnxruntime
+    except ImportError:
+        return
+    try:
+        onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - whatever ORT refuses, the int8 file is the answer
+        path.write_bytes(original)
+        warnings.warn(f"export_onnx: ONNX Runtime cannot run the {len(packed)} weights packed in INT4/UINT4 "
+                      f"({str(error).splitlines()[0][:200]}); they are stored as int8", UserWarning, stacklevel=3)
 
 
 def _check_float_types(model: nn.Module, inputs: tuple) -> None:
@@ -261,6 +328,78 @@ def _check_float_types(model: nn.Module, inputs: tuple) -> None:
         if isinstance(tensor, Tensor) and tensor.dtype == torch.float64:
             raise ValueError(f"{name} is float64: ONNX's QuantizeLinear takes float32, float16 or bfloat16; "
                              "export model.float() with float32 inputs")
+
+
+PACKED_TYPES = {"int4": (22, -8, 7), "uint4": (21, 0, 15)}  # onnx.TensorProto INT4, UINT4: (type, low, high)
+
+
+def pack_low_bit_weights(path: str | Path, names: Sequence[str]) -> list[str]:
+    """Store the integer weight initializers ``names`` (and their zero points) in ONNX's
+    INT4/UINT4 types, two levels per byte, where every level fits; the rest stay int8.
+    Each weight's ``DequantizeLinear`` reads the packed tensor (opset 21). Returns the
+    names packed. The file is rewritten in place and checked."""
+    import numpy as np
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    initializers = {tensor.name: tensor for tensor in graph.initializer}
+    wanted, packed = set(names), []
+    for node in graph.node:
+        if node.op_type != "DequantizeLinear" or node.input[0] not in wanted or node.input[0] not in initializers:
+            continue
+        levels = numpy_helper.to_array(initializers[node.input[0]]).astype(np.int32)
+        zero = (numpy_helper.to_array(initializers[node.input[2]]).astype(np.int32)
+                if len(node.input) > 2 and node.input[2] in initializers else None)
+        values = levels if zero is None else np.concatenate([levels.ravel(), zero.ravel()])
+        kind = next((k for k, (_, low, high) in PACKED_TYPES.items()
+                     if values.size and low <= values.min() and values.max() <= high), None)
+        if kind is None:
+            continue
+        onnx_type = PACKED_TYPES[kind][0]
+        name = f"{node.input[0]}.{kind}"
+        graph.initializer.append(helper.make_tensor(name, onnx_type, levels.shape, _nibbles(levels), raw=True))
+        node.input[0] = name
+        if zero is not None:
+            zero_name = f"{name}.zero"
+            graph.initializer.append(helper.make_tensor(zero_name, onnx_type, zero.shape, _nibbles(zero), raw=True))
+            node.input[2] = zero_name
+        packed.append(name)
+    used = {name for node in graph.node for name in node.input}
+    kept = [tensor for tensor in graph.initializer if tensor.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+    return packed
+
+
+def _nibbles(values) -> bytes:
+    """4-bit values packed two per byte, the first in the low nibble (ONNX's INT4/UINT4
+    layout; a two's-complement nibble for negative values)."""
+    import numpy as np
+
+    flat = (values.ravel().astype(np.int64) & 0xF).astype(np.uint8)
+    if flat.size % 2:
+        flat = np.append(flat, np.uint8(0))
+    return (flat[0::2] | (flat[1::2] << 4)).tobytes()
+
+
+def weight_storage(path: str | Path) -> dict[str, int]:
+    """How many integer weight initializers (inputs of ``DequantizeLinear``) the ONNX file
+    holds per type: ``{"int8": 7, "int4": 0, ...}``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    types = {tensor.name: onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).name
+             if tensor.data_type not in (21, 22) else ("uint4" if tensor.data_type == 21 else "int4")
+             for tensor in model.graph.initializer}
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        if node.op_type == "DequantizeLinear" and node.input[0] in types and types[node.input[0]] != "int32":
+            counts[types[node.input[0]]] = counts.get(types[node.input[0]], 0) + 1
+    return counts
 
 
 def strip_debug_info(path: str | Path) -> None:

@@ -8,11 +8,15 @@ rounding op (``torchapprox.quantizers.qparams.quantize_dequantize``) records its
   weights ``q`` (an int8/int16 buffer, exported as an integer initializer) on their grid
   (one scale per tensor, or one per slice along ``axis``): ONNX ``DequantizeLinear``; scales
   along several dimensions (a grouped ConvTranspose's per-channel ones): ``Cast`` and ``Mul``.
+- ``torchapprox::bias_on_grid(Tensor bias, Tensor step)``: a layer's bias on the int32
+  accumulator grid (``step``: the input's step times the weight's, one per output channel or
+  one): ONNX ``DequantizeLinear`` of the int32 levels ``round(bias / step)``, which ONNX
+  Runtime computes once (constant folding) and reads as the integer kernel's bias.
 - ``torchapprox::export_qdq(Tensor x, Tensor scale, Tensor? zero_point, int qmin, int qmax,
   bool may_clamp)``: x (in the scale's dtype, float32) on the grid of ``scale``: ONNX
   ``QuantizeLinear`` + ``DequantizeLinear`` in the smallest integer type that holds
-  [qmin, qmax] (with a ``Clip`` first where the grid is narrower than that type and
-  values may fall outside it).
+  [qmin, qmax] (unsigned for non-negative levels), with an integer ``Clip`` between them
+  where the grid is narrower than that type and values may fall outside it.
 
 Everything else (the scale of a tensor's own range, a clip to a calibrated range, casts
 of half types to float32) is recorded op by op from the quantizer's own torch code, so the
@@ -30,12 +34,16 @@ CONTAINERS = ((torch.int8, -128, 127), (torch.uint8, 0, 255), (torch.int16, -(2*
 
 
 def container(qmin: int, qmax: int) -> torch.dtype:
-    """The smallest ONNX integer type that holds the levels [qmin, qmax].
+    """The smallest ONNX integer type that holds the levels [qmin, qmax]; an unsigned one
+    for non-negative levels (zero point 0 at the type's minimum, which lets ONNX Runtime
+    drop a ReLU before the QuantizeLinear and fuse the layer before it).
 
     Raises:
         ValueError: a range wider than ONNX's 16-bit integer types.
     """
     for dtype, low, high in CONTAINERS:
+        if qmin >= 0 and low < 0:
+            continue
         if low <= qmin and qmax <= high:
             return dtype
     raise ValueError(f"levels {qmin}..{qmax} do not fit ONNX's integer types (QuantizeLinear holds at most 16 bits)")
@@ -92,6 +100,16 @@ def export_qdq_op(x: Tensor, scale: Tensor, zero_point: Tensor | None, qmin: int
 @export_qdq_op.register_fake
 def _(x, scale, zero_point, qmin, qmax, may_clamp):
     return torch.empty_like(x)
+
+
+@torch.library.custom_op("torchapprox::bias_on_grid", mutates_args=())
+def bias_on_grid(bias: Tensor, step: Tensor) -> Tensor:
+    return torch.round(bias / step) * step
+
+
+@bias_on_grid.register_fake
+def _(bias, step):
+    return torch.empty(torch.broadcast_shapes(bias.shape, step.shape), dtype=bias.dtype, device=bias.device)
 
 
 def export_qdq(x: Tensor, qp) -> Tensor:

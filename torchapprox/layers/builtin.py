@@ -9,6 +9,7 @@
 | ``nn.MultiheadAttention`` | in_proj_weight or q/k/v_proj_weight (0) | query, key, value |
 | ``nn.RNN``, ``nn.LSTM``, ``nn.GRU`` | every weight matrix (0) | input (see ``recurrent``) |
 | transformers' ``Conv1D`` | weight (1: stored ``[in, out]``) | input |
+| ``nn.AvgPool*``, ``nn.AdaptiveAvgPool*``, ``nn.MaxPool*`` (1d/2d/3d) | none | input, only with ``attach(quantize_pooling=True)`` |
 
 Biases stay in float, except where the input's quantization parameters are constant
 (calibrated or running ranges, learned steps): then an integer runtime adds them as int32 at
@@ -22,15 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..batchnorm_fold import fold_of
 from .approximate import approximate_conv, approximate_linear, multiplier_of
+from .folded import folded_forward
 from .attention import multihead_attention_forward
-from .functional import quantized_conv, quantized_linear, quantized_weight, quantized_weight_and_qparams
+from .functional import quantized_conv, quantized_input, quantized_linear, quantized_weight, quantized_weight_and_qparams
 from .recurrent import recurrent_forward, recurrent_weights
 from .registry import register_layer
 
 
 @register_layer(nn.Linear, weights={"weight": 0}, multiplier=True)
 def linear_forward(layer: nn.Linear, input: Tensor) -> Tensor:
+    fold = fold_of(layer)
+    if fold is not None:
+        _check_no_multiplier(layer, fold)
+        return folded_forward(layer, fold, input, lambda x, w, b, qp: quantized_linear(layer, x, w, b,
+                                                                                       weight_qparams=qp))
     weight, weight_qparams = quantized_weight_and_qparams(layer)
     setting = multiplier_of(layer)
     if setting is not None:
@@ -69,10 +77,22 @@ def _input_and_padding(layer: nn.Module, input: Tensor) -> tuple[Tensor, list[in
     return F.pad(input, flat, mode=mode), [0] * dims
 
 
+def _check_no_multiplier(layer: nn.Module, fold) -> None:
+    if multiplier_of(layer) is not None:
+        raise ValueError(f"{fold.layer_name}: a layer with its BatchNorm folded cannot compute with an approximate "
+                         "multiplier (the folded weight's products are what an integer runtime computes); attach "
+                         "with fold_batchnorm=False for approximate products")
+
+
 def conv_forward(layer: nn.Module, input: Tensor) -> Tensor:
     # Padding copies values (or adds zeros), which changes neither max|x| nor the grid a
     # tensor picks, so quantizing the padded input equals padding the quantized one.
     input, padding = _input_and_padding(layer, input)
+    fold = fold_of(layer)
+    if fold is not None:
+        _check_no_multiplier(layer, fold)
+        return folded_forward(layer, fold, input, lambda x, w, b, qp: quantized_conv(
+            layer, x, w, b, layer.stride, padding, layer.dilation, layer.groups, weight_qparams=qp))
     weight, weight_qparams = quantized_weight_and_qparams(layer)
     setting = multiplier_of(layer)
     if setting is not None:
@@ -141,3 +161,15 @@ register_layer(nn.MultiheadAttention, weights=_attention_weights, inputs=("input
 
 for _rnn in (nn.RNN, nn.LSTM, nn.GRU):
     register_layer(_rnn, weights=recurrent_weights, forward=recurrent_forward)
+
+
+def pooling_forward(layer: nn.Module, input: Tensor, *args, **kwargs) -> Tensor:
+    # The layer's own computation on its quantized input.
+    return type(layer).forward(layer, quantized_input(layer, input), *args, **kwargs)
+
+
+# Weightless, quantized only with attach(quantize_pooling=True): max pooling commutes with
+# rounding and average pooling of a quantized tensor is what an integer runtime averages.
+for _pool in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+              nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d):
+    register_layer(_pool, weights={}, forward=pooling_forward, pooling=True)

@@ -98,6 +98,12 @@ def quantized_bias(bias: Tensor | None, weight_qparams: QParams | None, input_qp
     dtype = reference.compute_dtype(bias.dtype)
     weight_step = weight_qparams.channel_scale().detach()
     step = (input_qparams.scale.detach().to(weight_step.dtype) * weight_step).to(dtype)
+    if torch.compiler.is_exporting():
+        # The integer bias of the exported graph (export_onnx checks beforehand that every
+        # channel fits in int32, where the two computations agree).
+        from ..export.ops import bias_on_grid
+
+        return torch.ops.torchapprox.bias_on_grid(bias.detach().to(dtype), step).to(bias.dtype)
     with torch.no_grad():
         compute = bias.detach().to(dtype)
         level = torch.round(compute / step)

@@ -28,6 +28,7 @@ class LayerType:
     inputs: tuple[str, ...]
     forward: Callable
     multiplier: bool = False  # the forward computes with an approximate multiplier when the layer has one
+    pooling: bool = False  # weightless, its input quantized only on request (attach(quantize_pooling=True))
 
     def weight_layout(self, layer: nn.Module) -> dict[str, tuple[int, int]]:
         """``{weight name: (output-channel axis, groups)}`` of this layer instance."""
@@ -53,6 +54,7 @@ def register_layer(
     inputs: Iterable[str] = ("input",),
     forward: Callable | None = None,
     multiplier: bool = False,
+    pooling: bool = False,
 ):
     """Register how a layer type computes with quantized weights and inputs.
 
@@ -81,6 +83,10 @@ def register_layer(
             layer has one (``torchapprox.layers.approximate.multiplier_of``; the built-in
             Linear, Conv1d/2d/3d and transformers' Conv1D do). ``ta.set_multiplier`` refuses
             a layer type registered without it, by name.
+        pooling: a layer without weights whose input is quantized only when asked for
+            (``attach(quantize_pooling=True)``): pooling, whose quantized input makes the
+            output of the layer before it quantized, which is what an integer runtime fuses
+            into that layer's kernel. ``weights`` is ``{}`` then.
 
     Returns:
         ``forward`` (or the decorator), so that it can decorate the function.
@@ -108,7 +114,9 @@ def register_layer(
                             f"'transformers.pytorch_utils.Conv1D', got {layer_type!r}")
     elif not (isinstance(layer_type, type) and issubclass(layer_type, nn.Module)):
         raise TypeError(f"`layer_type` must be an nn.Module subclass or its qualified name, got {layer_type!r}")
-    if not callable(weights):
+    if pooling and (callable(weights) or weights):
+        raise TypeError(f"a pooling layer type has no weights: pass weights={{}}, got {weights!r}")
+    if not callable(weights) and not pooling:
         if not isinstance(weights, Mapping) or not weights:
             raise TypeError(f"`weights` must be a non-empty dict {{weight name: output-channel axis}}, got {weights!r}")
         for name, axis in weights.items():
@@ -124,7 +132,7 @@ def register_layer(
     def register(function: Callable) -> Callable:
         if not callable(function):
             raise TypeError(f"`forward` must be a function forward(layer, *args, **kwargs), got {function!r}")
-        _REGISTRY[layer_type] = LayerType(layer_type, weights, inputs, function, bool(multiplier))
+        _REGISTRY[layer_type] = LayerType(layer_type, weights, inputs, function, bool(multiplier), bool(pooling))
         return function
 
     return register(forward) if forward is not None else register
