@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import os
+
+import numpy as np
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -184,11 +186,15 @@ def translation_table() -> dict:
         return op.DequantizeLinear(q, scale, zero_point, axis=max(axis, 0))  # a per-tensor scale's axis is ignored
 
     def export_qdq(x, scale, zero_point, qmin: int, qmax: int, may_clamp: bool):
-        dtype = ops.container(min(qmin, 0), max(qmax, 0))
+        dtype, shift = ops.activation_container(min(qmin, 0), max(qmax, 0))
         onnx_type = _ONNX_TYPES[dtype]
-        zero = op.Cast(op.Constant(value_int=0), to=onnx_type) if zero_point is None else op.Cast(zero_point, to=onnx_type)
+        if zero_point is None:
+            zero = op.Cast(op.Constant(value_int=shift), to=onnx_type)
+        else:
+            zero = op.Cast(op.Add(zero_point, op.CastLike(float(shift), zero_point)), to=onnx_type)
         q = op.QuantizeLinear(x, scale, zero)
         low, high = next((lo, hi) for t, lo, hi in ops.CONTAINERS if t == dtype)
+        qmin, qmax = qmin + shift, qmax + shift
         if may_clamp and (qmin > low or qmax < high):
             # QuantizeLinear saturates to its type's range only: clamp the levels to the
             # grid's (an integer Clip after it: the QuantizeLinear stays next to the layer
@@ -290,6 +296,7 @@ def export_onnx(
                 output_names=list(output_names) if output_names else None, external_data=False, verbose=False,
             )
         strip_debug_info(temporary)
+        fold_relu_into_levels(temporary)
         if check_bool(pack_weights, "pack_weights"):
             _pack(temporary, low_bit_weight_names(exported))
         os.replace(temporary, path)  # one self-contained file, replaced atomically
@@ -328,6 +335,70 @@ def _check_float_types(model: nn.Module, inputs: tuple) -> None:
         if isinstance(tensor, Tensor) and tensor.dtype == torch.float64:
             raise ValueError(f"{name} is float64: ONNX's QuantizeLinear takes float32, float16 or bfloat16; "
                              "export model.float() with float32 inputs")
+
+
+def fold_relu_into_levels(path: str | Path) -> int:
+    """Drop each ``Relu`` whose only use is a ``QuantizeLinear`` and clamp the levels at the
+    zero point instead (an integer ``Clip`` after the ``QuantizeLinear``): the same numbers
+    (rounding is monotone and keeps 0 at the zero point), and the ``QuantizeLinear``
+    directly after the layer before the ReLU, which ONNX Runtime then fuses into that
+    layer's integer kernel (it drops such a ReLU itself only where the zero point is the
+    type's minimum, not the signed grid's 128 in uint8). Returns how many were dropped."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    users: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            users.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    dropped = 0
+    for relu in [n for n in graph.node if n.op_type == "Relu"]:
+        consumers = users.get(relu.output[0], [])
+        if relu.output[0] in outputs or len(consumers) != 1 or consumers[0].op_type != "QuantizeLinear":
+            continue
+        quantize = consumers[0]
+        zero = constants.get(quantize.input[2]) if len(quantize.input) > 2 else None
+        if zero is None or zero.size != 1:
+            continue
+        floor = zero.reshape(())  # the level of 0.0: where ReLU clamps
+        after = users.get(quantize.output[0], [])
+        clip = after[0] if len(after) == 1 and after[0].op_type == "Clip" else None
+        if clip is not None and len(clip.input) > 1 and clip.input[1]:
+            if clip.input[1] not in constants:
+                continue
+            floor = np.maximum(floor, constants[clip.input[1]].reshape(()).astype(floor.dtype))
+        quantize.input[0] = relu.input[0]
+        graph.node.remove(relu)
+        dropped += 1
+        if clip is None and floor == np.iinfo(zero.dtype).min:
+            continue  # QuantizeLinear saturates there already
+        # Clamp the levels below at the zero point: a Clip of the QuantizeLinear's output
+        # (or a raised lower bound of the one there).
+        zero_name = f"{quantize.output[0]}.relu_floor"
+        graph.initializer.append(numpy_helper.from_array(np.asarray(floor, dtype=zero.dtype), zero_name))
+        if clip is not None:
+            while len(clip.input) < 2:
+                clip.input.append("")
+            clip.input[1] = zero_name
+        else:
+            clipped = f"{quantize.output[0]}.relu"
+            for user in after:
+                for index, name in enumerate(user.input):
+                    if name == quantize.output[0]:
+                        user.input[index] = clipped
+            position = list(graph.node).index(quantize) + 1
+            graph.node.insert(position, helper.make_node("Clip", [quantize.output[0], zero_name], [clipped]))
+    if dropped:
+        onnx.checker.check_model(model)
+        onnx.save(model, str(path))
+    return dropped
 
 
 PACKED_TYPES = {"int4": (22, -8, 7), "uint4": (21, 0, 15)}  # onnx.TensorProto INT4, UINT4: (type, low, high)

@@ -49,6 +49,20 @@ def container(qmin: int, qmax: int) -> torch.dtype:
     raise ValueError(f"levels {qmin}..{qmax} do not fit ONNX's integer types (QuantizeLinear holds at most 16 bits)")
 
 
+def activation_container(qmin: int, qmax: int) -> tuple[torch.dtype, int]:
+    """``(type, shift)`` of an activation's levels [qmin, qmax] in ONNX: uint8 (uint16) for
+    non-negative levels; signed levels that fit in int8 go to uint8 as well, shifted by 128
+    (zero point 128: the same values), because ONNX Runtime's integer convolution takes
+    uint8 activations on x86 (and the same type on its input and output); int16 otherwise.
+
+    Raises:
+        ValueError: a range wider than ONNX's 16-bit integer types.
+    """
+    if qmin < 0 and -128 <= qmin and qmax <= 127:
+        return torch.uint8, 128
+    return container(qmin, qmax), 0
+
+
 def check_grid(bits: int, grid: str, where: str) -> None:
     """Raise a ValueError naming ``where`` when a grid's levels fit no ONNX integer type."""
     from ..quantizers import reference
