@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from ..approximation import assigned_multipliers, remove_multiplier
 from ..batchnorm_fold import fold_of
 from ..layers.folded import folded_weight
-from ..layers.functional import BIAS_LIMIT, quantizer_of
+from ..layers.functional import BIAS_LIMIT, quantized_bias, quantizer_of
 from ..qat import quantized_layers, quantized_tensor_names
 from ..quantizers import ApproxQuantizer
 from ..quantizers.qparams import QParams, levels
@@ -154,25 +154,39 @@ def prepare_for_export(model: nn.Module, exact_products: bool = False) -> nn.Mod
 
 @torch.no_grad()
 def _check_bias_fits(layer_name: str, layer: nn.Module) -> None:
-    """Raise where the exported int32 bias would differ from the model's: a bias on the
-    accumulator grid whose level does not fit in int32 (the layer keeps that channel's
-    float bias, which ``DequantizeLinear`` of an int32 cannot give)."""
+    """Where a bias on the accumulator grid has a channel whose level does not fit in int32
+    (the layer keeps that channel's float bias, which ``DequantizeLinear`` of an int32
+    cannot give), export the bias the layer computes as floats instead (raise for a folded
+    bias, computed in the graph)."""
     weight, input = quantizer_of(layer, "weight"), quantizer_of(layer, "input")
-    if not isinstance(weight, _ExportedWeight) or not isinstance(input, _ExportedConstantInput):
+    if not isinstance(weight, _ExportedWeight) or not isinstance(input, ApproxQuantizer):
+        return
+    # A family whose constant parameters are computed in the graph (no stored range).
+    qp = input._qparams if isinstance(input, _ExportedConstantInput) else input.qparams(torch.zeros(1)).detach()
+    if not qp.constant:
         return
     fold = fold_of(layer)
     bias = getattr(layer, "bias", None)
     if fold is not None:
         factor, shift = fold.factors()
         bias = shift if bias is None else shift + bias * factor
-    if not isinstance(bias, Tensor) or input.step.dim() != 0 or input.zero is not None:
+    if not isinstance(bias, Tensor) or qp.scale.dim() != 0 or qp.zero_point is not None:
         return
-    step = input.step * weight._qparams.channel_scale()
+    step = qp.scale * weight._qparams.channel_scale()
     level = torch.round(bias.float() / step)
-    if not bool(torch.logical_and(level.abs() <= BIAS_LIMIT, torch.isfinite(level)).all()):
-        raise ValueError(f"{layer_name or 'model'}: its bias does not fit in int32 at the accumulator's step (input step "
-                         "times weight step), where the integer graph adds it; this happens with tiny steps (16-bit "
-                         "inputs and weights): export at fewer bits or without the bias")
+    if bool(torch.logical_and(level.abs() <= BIAS_LIMIT, torch.isfinite(level)).all()):
+        return
+    if fold is not None:
+        raise ValueError(f"{layer_name or 'model'}: its folded bias does not fit in int32 at the accumulator's step "
+                         "(input step times weight step), where the integer graph adds it; this happens with tiny "
+                         "steps (16-bit inputs and weights): export at fewer bits or attach without fold_batchnorm")
+    # Some channel keeps its float bias (quantized_bias): the graph adds the bias the layer
+    # computes, every channel's value as a float constant, and no int32 bias.
+    layer.bias = nn.Parameter(quantized_bias(layer.bias, weight._qparams, qp).detach(), requires_grad=False)
+    if not isinstance(input, _ExportedConstantInput):
+        input = _ExportedConstantInput(input, qp, f"{layer_name or 'model'}.input_quantizer")
+        layer.input_quantizer = input
+    input._qparams = input._qparams._replace(constant=False)
 
 
 def translation_table() -> dict:
@@ -192,10 +206,17 @@ def translation_table() -> dict:
             zero = op.Cast(op.Constant(value_int=shift), to=onnx_type)
         else:
             zero = op.Cast(op.Add(zero_point, op.CastLike(float(shift), zero_point)), to=onnx_type)
-        q = op.QuantizeLinear(x, scale, zero)
         low, high = next((lo, hi) for t, lo, hi in ops.CONTAINERS if t == dtype)
+        narrower = may_clamp and (qmin + shift > low or qmax + shift < high)
+        if narrower and dtype not in (torch.int8, torch.uint8):
+            # ONNX Runtime has no 16-bit integer Clip: clamp x to the grid's range first.
+            zero_float = op.CastLike(0.0, x) if zero_point is None else zero_point
+            lower = op.Mul(op.Sub(op.CastLike(float(qmin), x), zero_float), scale)
+            upper = op.Mul(op.Sub(op.CastLike(float(qmax), x), zero_float), scale)
+            return op.DequantizeLinear(op.QuantizeLinear(op.Clip(x, lower, upper), scale, zero), scale, zero)
+        q = op.QuantizeLinear(x, scale, zero)
         qmin, qmax = qmin + shift, qmax + shift
-        if may_clamp and (qmin > low or qmax < high):
+        if narrower:
             # QuantizeLinear saturates to its type's range only: clamp the levels to the
             # grid's (an integer Clip after it: the QuantizeLinear stays next to the layer
             # that produced x, where ONNX Runtime fuses it into an integer kernel).
