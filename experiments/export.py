@@ -2,7 +2,8 @@
 
     python -m experiments.export outputs/<run>                # dynamic input scales
     python -m experiments.export outputs/<run> --static       # constant (calibrated) input scales
-    python -m experiments.export outputs/<run> --latency      # also time float vs QDQ in ONNX Runtime
+    python -m experiments.export outputs/<run> --static --latency   # float, ours and ORT's quantize_static side by side
+    python -m experiments.export outputs/<run> --int8-weights # 4-bit weights in int8 (integer kernels), not packed
     python -m experiments.export outputs/<run> --latency --threads 2   # ONNX Runtime's intra-op threads (default 1)
 
 Loads the run's final checkpoint (checkpoints/last.ckpt, the end of its last epoch) with
@@ -17,6 +18,7 @@ stops with one line and exit status 2.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import sys
@@ -37,7 +39,7 @@ from experiments.sweep_summary import write_atomically
 from callbacks.checkpoint import quantization_from_checkpoint, restore_quantized
 from torchapprox.calibration import calibrate, input_quantizers, takes_static_range
 from torchapprox.export import export_onnx
-from torchapprox.export.onnx import strip_debug_info
+from torchapprox.export.onnx import strip_debug_info, weight_storage
 
 
 class ExportError(Exception):
@@ -142,6 +144,49 @@ def latency(paths: dict[str, Path], example: np.ndarray, rounds: int = 200, thre
     return {name: statistics.median(values) * 1e3 for name, values in samples.items()}
 
 
+def ort_quantize_static(float_path: Path, loader, scratch: Path, batches: int = 16) -> Path:
+    """ONNX Runtime's own post-training quantization of the float model: QDQ, uint8
+    activations, int8 per-channel weights, min/max ranges calibrated on ``batches`` batches
+    of ``loader`` (the run's training split)."""
+    import onnxruntime as ort
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    name = ort.InferenceSession(str(float_path), providers=["CPUExecutionProvider"]).get_inputs()[0].name
+
+    class Batches(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.batches = iter([{name: x.numpy()} for x, *_ in itertools.islice(loader, batches)])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    prepared = scratch / "float_prepared.onnx"
+    quant_pre_process(str(float_path), str(prepared))
+    out = scratch / "ort_static.onnx"
+    quantize_static(str(prepared), str(out), Batches(), quant_format=QuantFormat.QDQ,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, per_channel=True)
+    return out
+
+
+def comparison_table(paths: dict[str, Path], loader, threads: int) -> str:
+    """A Markdown table: each model's file size, test accuracy and ONNX Runtime latency at
+    batch 1 and 64 (medians of interleaved runs), beside the float model's."""
+    samples = torch.cat([x for x, *_ in loader])
+    batch64 = samples[:64].numpy()
+    timings = {batch: latency(paths, batch64[:batch], threads=threads) for batch in (1, 64)}
+    sizes = {name: p.stat().st_size / 1024 for name, p in paths.items()}
+    rows = [f"ONNX Runtime, CPU provider, {threads} thread(s); latency: median of interleaved runs",
+            "| model | file KiB (x float) | test accuracy | batch 1 ms (x float) | batch 64 ms (x float) |",
+            "|---|---|---|---|---|"]
+    for name, p in paths.items():
+        accuracy, _ = onnx_accuracy(p, loader)
+        cells = [f"{timings[b][name]:.3f} ({timings[b][name] / timings[b]['float']:.2f}x)" for b in (1, 64)]
+        rows.append(f"| {name} | {sizes[name]:.1f} ({sizes[name] / sizes['float']:.2f}x) | {accuracy:.4f} | "
+                    f"{cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
 def write_assignment(assignment: dict, path: Path) -> Path:
     """``{layer: {"multiplier", "input_signed", "cost", metrics..., "table_sha256"}}`` as JSON,
     for hardware flows (the table's hash identifies a table from a file)."""
@@ -158,7 +203,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dir", type=Path, help="a run dir of experiments.train (outputs/<time>)")
     parser.add_argument("--static", action="store_true", help="constant input scales (calibrated ranges)")
-    parser.add_argument("--latency", action="store_true", help="time float, dynamic and static QDQ models")
+    parser.add_argument("--latency", action="store_true",
+                        help="compare float, this QDQ model and (with --static) ONNX Runtime's own quantize_static "
+                             "of the float model: file size, test accuracy, latency at batch 1 and 64")
+    parser.add_argument("--int8-weights", action="store_true",
+                        help="store weights of 4 bits or fewer in int8 (ONNX Runtime's integer kernels) instead of "
+                             "packed INT4/UINT4 (half the size, computed in float)")
     parser.add_argument("--exact-products", action="store_true",
                         help="export layers that compute with an approximate multiplier with exact products (ONNX "
                              "has none); their assignment goes to RUN_DIR/multipliers.json")
@@ -204,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     torch_accuracy = float((torch_predictions(model, test_loader) == np.concatenate(
         [y.numpy() for _, y in test_loader])).mean())
     try:
-        path = export_onnx(model, example, args.run_dir / "model.onnx", exact_products=args.exact_products)
+        path = export_onnx(model, example, args.run_dir / "model.onnx", exact_products=args.exact_products,
+                           pack_weights=not args.int8_weights)
     except (ValueError, TypeError) as error:
         print(f"Error: {error}", file=sys.stderr)
         return 2
@@ -222,28 +273,27 @@ def main(argv: list[str] | None = None) -> int:
           f"{scales} input scales (from {checkpoint_path.name}, epoch {state['epoch']})")
     print(f"test accuracy: ONNX Runtime {accuracy:.4f}, PyTorch {torch_accuracy:.4f}, metrics.json "
           f"{recorded if recorded is not None else 'n/a'}")
+    storage = weight_storage(path)
+    print(f"integer weights: {', '.join(f'{n} in {t.upper()}' for t, n in sorted(storage.items()))}"
+          + (" (packed two per byte: ONNX Runtime computes those layers in float; --int8-weights for integer "
+             "kernels)" if any(t in ("int4", "uint4") for t in storage) else ""))
     with tempfile.TemporaryDirectory() as scratch:
         float_path = export_float(model, example, Path(scratch) / "float.onnx")
         quantized_kb, float_kb = path.stat().st_size / 1024, float_path.stat().st_size / 1024
         print(f"file size: QDQ {quantized_kb:.1f} KiB, float {float_kb:.1f} KiB ({float_kb / quantized_kb:.2f}x smaller)")
         if args.latency:
-            other = Path(scratch) / "other.onnx"
-            if not calibratable:  # one form only: the scales are what they are
-                paths = {"QDQ": path}
-            elif args.static:
-                for quantizer in model.modules():
-                    if isinstance(quantizer, ta.MinMaxQuant):
-                        quantizer.freeze_range(None)
-                paths = {"QDQ static": path,
-                             "QDQ dynamic": export_onnx(model, example, other, exact_products=args.exact_products)}
-            else:
-                calibrate(model, datamodule.train_dataloader())
-                paths = {"QDQ dynamic": path,
-                             "QDQ static": export_onnx(model, example, other, exact_products=args.exact_products)}
-            paths["float"] = float_path
-            times = latency(paths, example.numpy(), threads=args.threads)
-            print(f"ONNX Runtime latency, batch {len(example)}, {args.threads} thread(s), median of interleaved runs: "
-                  + ", ".join(f"{name} {ms:.3f} ms ({ms / times['float']:.2f}x float)" for name, ms in times.items()))
+            paths = {"float": float_path, "ours": path}
+            if any(t in ("int4", "uint4") for t in storage):
+                paths["ours, int8 weights"] = export_onnx(model, example, Path(scratch) / "int8.onnx",
+                                                          exact_products=args.exact_products, pack_weights=False)
+            if args.static:
+                try:
+                    paths["ORT quantize_static"] = ort_quantize_static(float_path, datamodule.train_dataloader(),
+                                                                       Path(scratch))
+                except Exception as error:  # noqa: BLE001 - ORT's tool failing is reported, not fatal
+                    print(f"ORT quantize_static failed on the float model ({type(error).__name__}: {error}); "
+                          "it is left out of the comparison")
+            print(comparison_table(paths, test_loader, args.threads))
     return 0
 
 
