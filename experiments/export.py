@@ -20,12 +20,15 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import statistics
 import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -79,20 +82,39 @@ def load_run(run_dir: Path):
 
 def unexportable(model, run_dir: Path) -> str | None:
     """Why this run cannot be exported and evaluated here, in one line, or None."""
-    if any(isinstance(q, ta.ApproxQuantizer) and q.spec.granularity == "per_token" for q in model.modules()):
-        return (f"{run_dir} quantized its inputs with one scale per token (callbacks.qat.input.granularity=per_token): "
-                "ONNX QDQ takes one scale per tensor, so it cannot be exported")
-    if not isinstance(model, Classifier):
-        return (f"{run_dir} trained {type(model).__name__}, not a classifier: this command measures test accuracy; "
-                "export the model in Python with torchapprox.export_onnx")
+    from experiments.lm import LanguageModel
+
+    if not isinstance(model, (Classifier, LanguageModel)):
+        return (f"{run_dir} trained {type(model).__name__}, neither a classifier nor the language model: this command "
+                "measures test accuracy or bits per byte; export the model in Python with torchapprox.export_onnx")
     return None
 
 
-def onnx_accuracy(path: Path, loader) -> tuple[float, np.ndarray]:
+class Metric(NamedTuple):
+    """The test metric of a run's task, measured in ONNX Runtime and in PyTorch."""
+
+    name: str  # as printed
+    key: str  # in metrics.json
+    onnx: Callable[[Path, Any], float]
+    torch: Callable[[Any, Any], float]
+
+
+def metric_of(model) -> Metric:
+    if isinstance(model, Classifier):
+        return Metric("test accuracy", "test/acc", lambda path, loader: onnx_accuracy(path, loader)[0], torch_accuracy)
+    return Metric("test bits per byte", "test/bpb", onnx_bits_per_byte,
+                  lambda module, loader: module.evaluate(loader)["test/bpb"])
+
+
+def _session(path: Path):
     import onnxruntime as ort
 
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    name = session.get_inputs()[0].name
+    return session, session.get_inputs()[0].name
+
+
+def onnx_accuracy(path: Path, loader) -> tuple[float, np.ndarray]:
+    session, name = _session(path)
     predictions, labels = [], []
     for x, y in loader:
         predictions.append(session.run(None, {name: x.numpy()})[0].argmax(axis=1))
@@ -101,9 +123,24 @@ def onnx_accuracy(path: Path, loader) -> tuple[float, np.ndarray]:
     return float((predictions == labels).mean()), predictions
 
 
+def onnx_bits_per_byte(path: Path, loader) -> float:
+    """The language model's cross-entropy over every byte of ``loader``, in bits."""
+    session, name = _session(path)
+    total, count = 0.0, 0
+    for x, y in loader:
+        logits = torch.from_numpy(session.run(None, {name: x.numpy()})[0])
+        total += float(torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum"))
+        count += y.numel()
+    return total / count / math.log(2)
+
+
 @torch.no_grad()
 def torch_predictions(model, loader) -> np.ndarray:
     return np.concatenate([model(x).argmax(dim=1).numpy() for x, _ in loader])
+
+
+def torch_accuracy(model, loader) -> float:
+    return float((torch_predictions(model, loader) == np.concatenate([y.numpy() for _, y in loader])).mean())
 
 
 def export_float(model, example: torch.Tensor, path: Path) -> Path:
@@ -169,18 +206,18 @@ def ort_quantize_static(float_path: Path, loader, scratch: Path, batches: int = 
     return out
 
 
-def comparison_table(paths: dict[str, Path], loader, threads: int) -> str:
-    """A Markdown table: each model's file size, test accuracy and ONNX Runtime latency at
+def comparison_table(paths: dict[str, Path], loader, threads: int, metric: Metric) -> str:
+    """A Markdown table: each model's file size, test metric and ONNX Runtime latency at
     batch 1 and 64 (medians of interleaved runs), beside the float model's."""
     samples = torch.cat([x for x, *_ in loader])
     batch64 = samples[:64].numpy()
     timings = {batch: latency(paths, batch64[:batch], threads=threads) for batch in (1, 64)}
     sizes = {name: p.stat().st_size / 1024 for name, p in paths.items()}
     rows = [f"ONNX Runtime, CPU provider, {threads} thread(s); latency: median of interleaved runs",
-            "| model | file KiB (x float) | test accuracy | batch 1 ms (x float) | batch 64 ms (x float) |",
+            f"| model | file KiB (x float) | {metric.name} | batch 1 ms (x float) | batch 64 ms (x float) |",
             "|---|---|---|---|---|"]
     for name, p in paths.items():
-        accuracy, _ = onnx_accuracy(p, loader)
+        accuracy = metric.onnx(p, loader)
         cells = [f"{timings[b][name]:.3f} ({timings[b][name] / timings[b]['float']:.2f}x)" for b in (1, 64)]
         rows.append(f"| {name} | {sizes[name]:.1f} ({sizes[name] / sizes['float']:.2f}x) | {accuracy:.4f} | "
                     f"{cells[0]} | {cells[1]} |")
@@ -251,8 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         for quantizer in model.modules():
             if isinstance(quantizer, ta.MinMaxQuant) and quantizer.static_range is not None:
                 quantizer.freeze_range(None)  # dynamic scales asked for
-    torch_accuracy = float((torch_predictions(model, test_loader) == np.concatenate(
-        [y.numpy() for _, y in test_loader])).mean())
+    metric = metric_of(model)
+    torch_value = metric.torch(model, test_loader)
     try:
         path = export_onnx(model, example, args.run_dir / "model.onnx", exact_products=args.exact_products,
                            pack_weights=not args.int8_weights)
@@ -263,15 +300,19 @@ def main(argv: list[str] | None = None) -> int:
         assignment = write_assignment(approximate, args.run_dir / "multipliers.json")
         print(f"wrote {assignment}: the multiplier of each of {len(approximate)} layers; the ONNX model multiplies "
               "exactly, so its accuracy is the exact-product model's")
-    accuracy, _ = onnx_accuracy(path, test_loader)
+    onnx_value = metric.onnx(path, test_loader)
     metrics_path = args.run_dir / "metrics.json"
-    recorded = json.loads(metrics_path.read_text()).get("test/acc") if metrics_path.is_file() else None
+    recorded = json.loads(metrics_path.read_text()).get(metric.key) if metrics_path.is_file() else None
     running = any(isinstance(q, ta.MinMaxQuant) and q.stored_range() is not None for q in model.modules())
     scales = ("constant (learned)" if learned and not calibratable else "static (calibrated)" if args.static else
               "constant (running-average ranges)" if running else "dynamic (from each tensor's range)")
     print(f"wrote {path}: QDQ, {state['bitwidth']} bits{f' (per layer: {bits})' if len(bits) > 1 else ''}, "
           f"{scales} input scales (from {checkpoint_path.name}, epoch {state['epoch']})")
-    print(f"test accuracy: ONNX Runtime {accuracy:.4f}, PyTorch {torch_accuracy:.4f}, metrics.json "
+    per_token = any(isinstance(q, ta.ApproxQuantizer) and q.spec.granularity == "per_token" for q in model.modules())
+    if per_token:
+        print("inputs with one scale per token: rounded by float ops in the graph (QuantizeLinear takes one scale per "
+              "tensor or per axis), so ONNX Runtime computes those layers in float, with dequantized weights")
+    print(f"{metric.name}: ONNX Runtime {onnx_value:.4f}, PyTorch {torch_value:.4f}, metrics.json "
           f"{recorded if recorded is not None else 'n/a'}")
     storage = weight_storage(path)
     print(f"integer weights: {', '.join(f'{n} in {t.upper()}' for t, n in sorted(storage.items()))}"
@@ -293,7 +334,7 @@ def main(argv: list[str] | None = None) -> int:
                 except Exception as error:  # noqa: BLE001 - ORT's tool failing is reported, not fatal
                     print(f"ORT quantize_static failed on the float model ({type(error).__name__}: {error}); "
                           "it is left out of the comparison")
-            print(comparison_table(paths, test_loader, args.threads))
+            print(comparison_table(paths, test_loader, args.threads, metric))
     return 0
 
 

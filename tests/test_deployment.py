@@ -315,3 +315,22 @@ def test_fold_requests_are_checked():
     model = bn_net()
     ta.attach(model, 8, rules={"0": {"fold_batchnorm": True}})
     assert folds(model) == {"0": "1"}
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_per_token_inputs_export_as_float_ops_with_the_same_numbers(bits, tmp_path):
+    """One scale per token has no QuantizeLinear form: the rounding is written as float ops
+    and the weights dequantized with Cast and Mul (a lone weight DequantizeLinear + MatMul
+    becomes ONNX Runtime's MatMulNBits, which quantizes activations on the fly)."""
+    from experiments.lm import CharTransformer
+
+    torch.manual_seed(bits)
+    net = CharTransformer(context=16, dim=32, layers=2, heads=4)
+    ta.attach(net, bits, weight={"granularity": "per_channel"}, input={"granularity": "per_token", "grid": "auto"},
+              rules={"embed": {"bits": 8}, "head": {"bits": 8}, "position": {"bits": 8}})
+    ids = torch.randint(0, 256, (6, 16))
+    with torch.no_grad():
+        expected = net.eval()(ids).numpy()
+    path = ta.export_onnx(net, ids[:2], tmp_path / "lm.onnx")
+    np.testing.assert_allclose(run(path, ids), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
+    assert not optimized_ops(path, tmp_path)["MatMulNBits"]

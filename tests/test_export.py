@@ -226,7 +226,6 @@ def test_multihead_attention_model(tmp_path):
     (lambda: nn.Linear(3, 2), ValueError, "has no quantizers: attach"),
     (lambda: _attached(24, "signed"), ValueError, r"0\.weight_quantizer: a 24-bit signed grid does not fit ONNX"),
     (lambda: _attached(16, "auto"), ValueError, r"0\.input_quantizer: a 16-bit auto grid .* at most 15 bits"),
-    (lambda: _attached(8, "signed", per_token_inputs=True), ValueError, r"one scale per token cannot be exported"),
     (lambda: _attached(8, "signed").double(), ValueError, r"0\.weight is float64: ONNX's QuantizeLinear takes float32"),
 ])
 def test_what_cannot_be_exported_is_refused_clearly(make, error, message, tmp_path):

@@ -134,6 +134,18 @@ def export_qdq(x: Tensor, qp) -> Tensor:
     if qp.clip is not None:
         compute = torch.clamp(compute, qp.clip[0].to(compute.dtype), qp.clip[1].to(compute.dtype))
     container(qp.qmin, qp.qmax)  # fails here, before the exporter does, with the levels named
+    if qp.scale.dim() > 1 and sum(size > 1 for size in qp.scale.shape) > 0 and qp.scale.shape[-1] == 1:
+        # One scale per token (per row of the last dimension), computed in the graph:
+        # QuantizeLinear takes one scale per tensor or per axis, so the rounding is written
+        # as float ops (ONNX's Round is half to even, as torch.round): the same values, and
+        # no integer kernel for ONNX Runtime to run.
+        level = torch.round(compute / qp.scale)
+        if qp.zero_point is not None:
+            level = level + qp.zero_point
+        level = torch.clamp(level, qp.qmin, qp.qmax)
+        if qp.zero_point is not None:
+            level = level - qp.zero_point
+        return (level * qp.scale).to(x.dtype)
     out = torch.ops.torchapprox.export_qdq(compute, qp.scale, qp.zero_point, qp.qmin, qp.qmax,
                                            qp.may_clamp and qp.clip is None)
     return out.to(x.dtype)
