@@ -205,8 +205,9 @@ class QuantizationAwareTraining(Callback):
             raise ValueError(f"`freeze_batchnorm` must be None or a fraction of the training epochs in [0, 1], "
                              f"got {freeze_batchnorm!r}")
         if freeze_batchnorm is not None and (self.weight_spec is None or not self._folds_any()):
-            raise ValueError(f"`freeze_batchnorm={freeze_batchnorm}` freezes the statistics of folded BatchNorm, and "
-                             "no weight spec or rule sets fold_batchnorm=True")
+            # A warning, not an error: a sweep over fold_batchnorm keeps one setting for both.
+            rank_zero_warn(f"`freeze_batchnorm={freeze_batchnorm}` freezes the statistics of folded BatchNorm, and no "
+                           "weight spec or rule sets fold_batchnorm=True: it has no effect")
         self.freeze_batchnorm = None if freeze_batchnorm is None else float(freeze_batchnorm)
         self.companions: list[Callback] = []  # made from the legacy keywords; hooks forwarded
         if check_bool(bn_reestimate, "bn_reestimate"):
