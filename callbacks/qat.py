@@ -27,6 +27,7 @@ import torchapprox as ta
 from torchapprox import batchnorm_fold
 from torchapprox.calibration import calibrate
 from torchapprox.layers import find_layer_type, registered_types
+from torchapprox.layers.builtin import quantizable_pooling
 from torchapprox.shortcuts import apply_shortcuts
 from torchapprox.qat import quantized_tensor_names
 from torchapprox.quantizers.registry import quantizer_class
@@ -332,7 +333,7 @@ class QuantizationAwareTraining(Callback):
     def _candidate(self, layer: torch.nn.Module) -> bool:
         """Whether attach() would consider this layer (pooling only with quantize_pooling)."""
         layer_type = find_layer_type(layer)
-        return layer_type is not None and (self.quantize_pooling or not layer_type.pooling)
+        return layer_type is not None and (not layer_type.pooling or self.quantize_pooling and quantizable_pooling(layer))
 
     def _quantizes_as_configured(self, pl_module: LightningModule) -> bool:
         """Whether ``pl_module`` carries exactly the quantizers this callback would attach
@@ -459,7 +460,7 @@ class QuantizationAwareTraining(Callback):
             self._apply(trainer.current_epoch, trainer, pl_module)
         if self.freeze_batchnorm is not None and trainer.max_epochs is not None and trainer.max_epochs > 0:
             # A function of the epoch, so a resumed run freezes where the uninterrupted one did.
-            frozen = trainer.current_epoch >= math.ceil(self.freeze_batchnorm * trainer.max_epochs)
+            frozen = trainer.current_epoch >= int(self.freeze_batchnorm * trainer.max_epochs)
             if batchnorm_fold.batchnorm_frozen(pl_module) is False and frozen:
                 ta.freeze_batchnorm(pl_module, True)
                 if self.verbose:

@@ -31,6 +31,23 @@ pytest.importorskip("onnxscript")
 STEP = 2.0 ** -3  # every input quantizer's step
 
 
+def sums_exactly_with_signed_weights() -> bool:
+    """ONNX Runtime's u8s8 kernels sum pairs of products in 16 bits (saturating) on x86 CPUs
+    without VNNI; there, 8-bit weights are exported unsigned (u8u8 kernels, exact)."""
+    import platform
+
+    if platform.machine().lower() not in ("x86_64", "amd64", "i386", "i686"):
+        return True
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return any(flag in flags for flag in ("avx512_vnni", "avx_vnni", "amx_int8"))
+
+
+EXACT_U8S8 = sums_exactly_with_signed_weights()
+
+
 def run(path, x):
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     return session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
@@ -120,9 +137,13 @@ def test_conv_bn_relu_stacks_compute_the_same_numbers_in_onnx_runtime(bits, grid
     x = torch.randn(16, 3, 8, 8, generator=generator)
     with torch.no_grad():
         expected = model(x).numpy()
+    unsigned = bits == 8 and not EXACT_U8S8
     for pack in (False, True):
-        path = ta.export_onnx(model, x, tmp_path / f"model{pack}.onnx", pack_weights=pack)
+        path = ta.export_onnx(model, x, tmp_path / f"model{pack}.onnx", pack_weights=pack, unsigned_weights=unsigned)
         np.testing.assert_array_equal(run(path, x), expected)
+    # uint8 weights (zero point 128) are the same values, on u8u8 kernels
+    path = ta.export_onnx(model, x, tmp_path / "unsigned.onnx", pack_weights=False, unsigned_weights=True)
+    np.testing.assert_array_equal(run(path, x), expected)
     packed = weight_storage(tmp_path / "modelTrue.onnx")
     weights = 6 if residual else 4
     assert packed == ({"int4": weights} if bits <= 4 else {"int8": weights})
@@ -139,7 +160,8 @@ def test_linear_stacks_compute_the_same_numbers_in_onnx_runtime(bits, grid, tmp_
     x = torch.randn(4, 7, 12, generator=generator)  # (batch, tokens, features): MatMul, not Gemm
     with torch.no_grad():
         expected = model(x).numpy()
-    path = ta.export_onnx(model, x, tmp_path / "model.onnx", pack_weights=False)
+    path = ta.export_onnx(model, x, tmp_path / "model.onnx", pack_weights=False,
+                          unsigned_weights=bits == 8 and not EXACT_U8S8)
     np.testing.assert_array_equal(run(path, x), expected)
 
 
@@ -197,13 +219,15 @@ def reference_forward(model, x, bits, batch_statistics):
     layers, out, index = list(model), x, 0
     while index < len(layers):
         layer = layers[index]
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
+        if isinstance(layer, nn.Linear):  # not folded: Linear + BatchNorm1d is not a fold
+            out = F.linear(fake_quantize_input(out, bits), fake_quantize_weight(layer.weight, bits), layer.bias)
+            index += 1
+        elif isinstance(layer, nn.Conv2d):
             bn = layers[index + 1]
             factor = bn.weight / torch.sqrt(bn.running_var + bn.eps)
             weight = fake_quantize_weight(layer.weight * factor.reshape(-1, *[1] * (layer.weight.dim() - 1)), bits)
             xq = fake_quantize_input(out, bits)
-            y = F.conv2d(xq, weight, None, layer.stride, layer.padding) if isinstance(layer, nn.Conv2d) \
-                else F.linear(xq, weight)
+            y = F.conv2d(xq, weight, None, layer.stride, layer.padding)
             shape = [1, -1] + [1] * (y.dim() - 2)
             bias = layer.bias if layer.bias is not None else torch.zeros_like(factor)
             if batch_statistics:
@@ -218,8 +242,7 @@ def reference_forward(model, x, bits, batch_statistics):
 
 def bn_net():
     return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                         nn.Conv2d(8, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(),
-                         nn.Linear(4 * 6 * 6, 5), nn.BatchNorm1d(5))
+                         nn.Conv2d(8, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4 * 6 * 6, 5))
 
 
 @torch.no_grad()
@@ -239,7 +262,7 @@ def test_folded_training_matches_the_reference_in_values_gradients_and_statistic
     randomize_batchnorm(model)
     reference_model = copy.deepcopy(model)
     ta.attach(model, bits, per_channel_weights=True, activation_grid="signed", fold_batchnorm=True)
-    assert folds(model) == {"0": "1", "3": "4", "6": "7"}
+    assert folds(model) == {"0": "1", "3": "4"}
     x = torch.randn(16, 3, 8, 8)
     x_ours, x_reference = x.clone().requires_grad_(), x.clone().requires_grad_()
     out, expected = model.train()(x_ours), reference_forward(reference_model.train(), x_reference, bits, True)
@@ -273,13 +296,16 @@ def test_folds_survive_state_round_trips_and_detach_restores_batchnorm():
     model.eval()
     with torch.no_grad():
         expected = model(x)
+    ta.freeze_batchnorm(model)
     state = ta.quantization_state(model)
-    assert state["batchnorm_folds"] == {"0": "1", "3": "4", "6": "7"}
+    assert state["batchnorm_folds"] == {"0": "1", "3": "4"} and state["batchnorm_frozen"] == ["0", "3"]
     restored = copy.deepcopy(float_model)
     ta.restore_quantization(restored, state)
     with torch.no_grad():
         assert torch.equal(restored(x), expected)
         assert torch.equal(copy.deepcopy(model)(x), expected)
+        assert torch.equal(restored.train()(x), model.train()(x))  # frozen: running statistics in training too
+    restored.eval(), model.eval()
     ta.detach(restored)
     with torch.no_grad():
         assert torch.equal(restored(x), float_model(x))  # BatchNorm computes on its own again
@@ -296,8 +322,8 @@ def test_fold_requests_are_checked():
         ta.attach(bn_net(), 8, input={"fold_batchnorm": True})
     with pytest.raises(TypeError, match="fold_batchnorm"):
         ta.attach(bn_net(), 8, fold_batchnorm="yes")
-    with pytest.warns(UserWarning, match="found no Conv1d/2d/3d or Linear followed by BatchNorm"):
-        ta.attach(linear_stack(), 8, fold_batchnorm=True)
+    with pytest.warns(UserWarning, match="found no Conv1d/2d/3d followed by BatchNorm"):
+        ta.attach(nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4)), 8, fold_batchnorm=True)  # not a fold
 
     class Branching(nn.Module):  # data-dependent control flow: torch.fx cannot trace it
         def __init__(self):
@@ -334,3 +360,19 @@ def test_per_token_inputs_export_as_float_ops_with_the_same_numbers(bits, tmp_pa
     path = ta.export_onnx(net, ids[:2], tmp_path / "lm.onnx")
     np.testing.assert_allclose(run(path, ids), expected, rtol=0, atol=1e-5 * np.abs(expected).max())
     assert not optimized_ops(path, tmp_path)["MatMulNBits"]
+
+
+def test_pooling_that_integer_kernels_divide_otherwise_stays_unquantized(tmp_path):
+    model = nn.Sequential(nn.ReLU(), nn.AvgPool2d(3, 2, ceil_mode=True), nn.Conv2d(4, 2, 1), nn.ReLU(),
+                          nn.AvgPool2d(2), nn.Flatten())
+    assert ta.attach(model, 8, quantize_pooling=True, activation_grid="auto") == ["2", "4"]  # not the ceil_mode one
+    x = torch.randn(8, 4, 7, 7)
+    ta.calibrate(model.eval(), [x])
+    path = ta.export_onnx(model, x, tmp_path / "pool.onnx")
+    with torch.no_grad():
+        expected = model(x).numpy()
+    assert np.abs(run(path, x) - expected).max() <= 1e-3 * np.abs(expected).max()
+    divided = nn.Sequential(nn.Conv2d(4, 2, 1), nn.AvgPool2d(2, divisor_override=3))
+    ta.attach(divided, 8)
+    with pytest.raises(ValueError, match="divisor_override=3 is exported by torch.onnx as a plain average"):
+        ta.export_onnx(divided, x, tmp_path / "divided.onnx")

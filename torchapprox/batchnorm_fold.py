@@ -17,9 +17,10 @@ Inference", CVPR 2018, section 3.2, in the form of torch.ao's ``ConvBn`` modules
   the BatchNorm module passes its input through. That is exactly what the exported graph
   computes.
 
-Pairs are found by tracing the model with ``torch.fx``: a Conv1d/2d/3d or Linear whose only
-use is a BatchNorm1d/2d/3d (or SyncBatchNorm) with as many features as the layer has output
-channels and running statistics. The BatchNorm module keeps its parameters and buffers
+Pairs are found by tracing the model with ``torch.fx``: a Conv1d/2d/3d whose only use is a
+BatchNorm1d/2d/3d (or SyncBatchNorm) with as many features as the layer has output channels
+and running statistics (not Linear + BatchNorm1d: on a 3-D input BatchNorm1d normalises
+dimension 1, not the Linear's features). The BatchNorm module keeps its parameters and buffers
 (``state_dict`` is unchanged); its ``forward`` is replaced on the instance while folded
 (as ``attach`` does for quantized layers) and restored by ``detach``.
 """
@@ -33,7 +34,9 @@ import torch
 from torch import Tensor, nn
 
 FOLD_ATTR = "_torchapprox_fold"  # on the layer and on its BatchNorm: the BatchNormFold
-FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
+# Not Linear + BatchNorm1d: on a 3-D input BatchNorm1d normalises dimension 1, not the
+# Linear's features, and which input a Linear gets is not known when attaching.
+FOLDABLE_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
 
@@ -124,11 +127,11 @@ def find_pairs(model: nn.Module, layer_names: list[str]) -> dict[str, str]:
 
 
 def foldable(layer: nn.Module, batchnorm: nn.Module) -> bool:
-    """Whether ``batchnorm`` can be folded into ``layer``: a Conv1d/2d/3d or Linear and a
-    BatchNorm with running statistics over its output channels."""
+    """Whether ``batchnorm`` can be folded into ``layer``: a Conv1d/2d/3d and a BatchNorm
+    with running statistics over its output channels."""
     if not isinstance(layer, FOLDABLE_LAYERS) or not isinstance(batchnorm, BATCHNORMS):
         return False
-    channels = layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels
+    channels = layer.out_channels
     return batchnorm.num_features == channels and batchnorm.track_running_stats and batchnorm.running_var is not None
 
 
@@ -138,7 +141,7 @@ def install(model: nn.Module, pairs: dict[str, str]) -> None:
         layer, batchnorm = model.get_submodule(layer_name), model.get_submodule(batchnorm_name)
         if not foldable(layer, batchnorm):
             raise ValueError(f"cannot fold {batchnorm_name!r} ({type(batchnorm).__name__}) into {layer_name!r} "
-                             f"({type(layer).__name__}): a Conv1d/2d/3d or Linear followed by a BatchNorm with running "
+                             f"({type(layer).__name__}): a Conv1d/2d/3d followed by a BatchNorm with running "
                              "statistics over its output channels is needed")
         fold = BatchNormFold(layer_name, layer, batchnorm_name, batchnorm)
         layer.__dict__[FOLD_ATTR] = fold
@@ -217,6 +220,11 @@ def freeze_batchnorm(model: nn.Module, frozen: bool = True) -> list[str]:
     if not names:
         raise ValueError("`model` has no folded BatchNorm: attach(model, fold_batchnorm=True) first")
     return names
+
+
+def frozen_layers(model: nn.Module) -> list[str]:
+    """The names of the layers whose folded BatchNorm statistics are frozen."""
+    return [name for name, module in model.named_modules() if (fold := fold_of(module)) is not None and fold.frozen]
 
 
 def batchnorm_frozen(model: nn.Module) -> bool | None:

@@ -16,6 +16,7 @@ from .approximation import (check_operands, install_multipliers, multiplier_stat
                             remove_multiplier, report_unable, why_not)
 from .layers import find_layer_type
 from .layers.approximate import MultiplierSetting
+from .layers.builtin import quantizable_pooling
 from .layers.folded import folded_weight
 from .layers.functional import quantizer_of
 from .layers.registry import LayerType
@@ -87,7 +88,7 @@ def attach(
         multiplier_gradient: the products' gradient, ``"ste"`` (the exact product's) or
             ``"table"`` (the table's local slopes); rules may set ``"multiplier_gradient"``.
         fold_batchnorm: ``weight.fold_batchnorm``: fold each BatchNorm that follows a
-            quantized Conv1d/2d/3d or Linear into its weight, in training too, so that the
+            quantized Conv1d/2d/3d into its weight, in training too, so that the
             trained integer weights are the exported folded layer's (pairs found with
             ``torch.fx``; see :mod:`torchapprox.batchnorm_fold`). Rules may set it per layer.
         quantize_pooling: also quantize the inputs of pooling layers (AvgPool,
@@ -152,7 +153,8 @@ def attach(
 
     pooling = check_bool(quantize_pooling, "quantize_pooling")
     candidates = {name: (layer, layer_type) for name, layer in model.named_modules()
-                  if (layer_type := find_layer_type(layer)) is not None and (pooling or not layer_type.pooling)}
+                  if (layer_type := find_layer_type(layer)) is not None
+                  and (not layer_type.pooling or pooling and quantizable_pooling(layer))}
     for argument, given in (("exclude", patterns), ("rules", checked_rules), ("bitwidth_overrides",
                                                                              bitwidth_overrides or {})):
         _warn_unmatched(given, list(candidates), argument)
@@ -181,7 +183,7 @@ def _plan_folds(model: nn.Module, plans: dict[str, _LayerPlan], products: dict) 
     asked = [name for name, plan in plans.items() if any(entry[0].fold_batchnorm for entry in plan.weights.values())]
     pairs = batchnorm_fold.find_pairs(model, asked)
     if asked and not pairs:
-        warnings.warn("fold_batchnorm=True found no Conv1d/2d/3d or Linear followed by BatchNorm to fold",
+        warnings.warn("fold_batchnorm=True found no Conv1d/2d/3d followed by BatchNorm to fold",
                       UserWarning, stacklevel=3)
     both = [name for name in pairs if products.get(name) is not None]
     if both:
@@ -463,7 +465,7 @@ def quantization_state(model: nn.Module) -> dict[str, Any]:
                         for tensor in (*weights, *inputs) if (quantizer := quantizer_of(layer, tensor)) is not None}
     tensors = {key: value.cpu() for key, value in quantizer_state(model).items()}
     return {"format": STATE_FORMAT, "layers": layers, "tensors": tensors, "multipliers": multiplier_state(model),
-            "batchnorm_folds": batchnorm_fold.folds(model)}
+            "batchnorm_folds": batchnorm_fold.folds(model), "batchnorm_frozen": batchnorm_fold.frozen_layers(model)}
 
 
 def restore_quantization(model: nn.Module, state: Mapping[str, Any]) -> list[str]:
@@ -510,6 +512,10 @@ def restore_quantization(model: nn.Module, state: Mapping[str, Any]) -> list[str
     _install_built(model, plans, built)
     install_multipliers(model, products)
     batchnorm_fold.install(model, folds)
+    for layer_name in state.get("batchnorm_frozen") or ():
+        fold = batchnorm_fold.fold_of(model.get_submodule(layer_name)) if layer_name in folds else None
+        if fold is not None:
+            fold.frozen = True
     for key, tensor in tensors.items():
         owner, _, tensor_name = key.rpartition(".")
         quantizers[owner].load_state_tensors({tensor_name: tensor}, owner)

@@ -62,7 +62,7 @@ class QuantSpec:
     - ``momentum``: the running range's update weight, in (0, 1].
     - ``recompute``: inputs: a layer keeps its float input for backward and recomputes the
       grid values there (True), or keeps the grid values (False: faster, more memory).
-    - ``fold_batchnorm``: weights of a Conv1d/2d/3d or Linear followed by BatchNorm: fold
+    - ``fold_batchnorm``: weights of a Conv1d/2d/3d followed by BatchNorm: fold
       the BatchNorm into the weight before quantizing it, in training too (the integer
       weights are the folded layer's; see :mod:`torchapprox.batchnorm_fold`). Weights only.
     - ``options``: family-specific settings, a dict (checked by the family, e.g.

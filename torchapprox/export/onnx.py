@@ -37,7 +37,8 @@ _ONNX_TYPES = {torch.int8: 3, torch.uint8: 2, torch.int16: 5, torch.uint16: 4}  
 class _ExportedWeight(ApproxQuantizer):
     """A weight's integer levels and step, frozen at export: ``DequantizeLinear(q, step, 0)``."""
 
-    def __init__(self, quantizer: ApproxQuantizer, weight: Tensor, where: str, elementwise: bool = False) -> None:
+    def __init__(self, quantizer: ApproxQuantizer, weight: Tensor, where: str, elementwise: bool = False,
+                 unsigned: bool = False) -> None:
         super().__init__(quantizer.spec, role="weight")
         with torch.no_grad():
             qp = quantizer.qparams(weight).detach()
@@ -54,6 +55,11 @@ class _ExportedWeight(ApproxQuantizer):
             self.axis = kept[0] if kept else -1
             step = qp.scale.reshape(-1) if kept else qp.scale.reshape(())
         zero = torch.zeros_like(step) if qp.zero_point is None else qp.zero_point.reshape(step.shape)
+        if unsigned and dtype == torch.int8 and self.axis != ops.ELEMENTWISE:
+            # uint8 with zero point 128: the same values, and ONNX Runtime's u8u8 kernels,
+            # which sum exactly on every CPU (u8s8 ones can saturate 16-bit pair sums
+            # without VNNI).
+            dtype, level, zero = torch.uint8, level + 128, zero + 128
         self.register_buffer("levels", level.to(dtype))
         self.register_buffer("step", step.float())
         # An explicit zero point: ORT fuses a weight's DequantizeLinear into its integer
@@ -97,7 +103,13 @@ class _ExportedConstantInput(ApproxQuantizer):
             raise ValueError(f"{where}: {error}") from None
         self.register_buffer("step", qp.scale.float())
         self.register_buffer("zero", None if qp.zero_point is None else qp.zero_point.float())
-        self._qparams = QParams(self.step, qmin, qmax, self.zero, None, constant=True, may_clamp=True)
+        if qmin < qmax:
+            self._qparams = QParams(self.step, qmin, qmax, self.zero, None, constant=True, may_clamp=True)
+        else:  # a calibrated range that holds one level (a tensor that was 0 throughout): clip in float
+            self.register_buffer("low", qp.clip[0].float())
+            self.register_buffer("high", qp.clip[1].float())
+            self._qparams = QParams(self.step, qp.qmin, qp.qmax, self.zero, (self.low, self.high), constant=True,
+                                    may_clamp=False)
 
     def compute_qparams(self, x: Tensor) -> QParams:
         return self._qparams
@@ -112,12 +124,23 @@ def _exported_input(quantizer: ApproxQuantizer, where: str) -> ApproxQuantizer:
     return quantizer  # its parameters are computed in the graph, from each tensor, by its own code
 
 
+_CONVOLUTIONS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def _matmul_without_qdq_input(layer: nn.Module) -> bool:
+    """Whether the layer is a matrix product (not a convolution) with a float input that is
+    not exported as a QDQ pair (one scale per token, written as float ops; an input left in
+    float). Its weight is then dequantized with Cast and Mul: ONNX Runtime would otherwise
+    turn a lone weight DequantizeLinear + MatMul into its weight-only MatMulNBits kernel,
+    which quantizes the activations on the fly and computes other numbers (0.18 of 0.67 on
+    the LM's logits). torch.onnx folds that Cast and Mul of constants: such weights are
+    stored as float32 values (on the grid)."""
+    if isinstance(layer, _CONVOLUTIONS):
+        return False
+    return not _takes_qdq_input(layer)
+
+
 def _takes_qdq_input(layer: nn.Module) -> bool:
-    """Whether every float input of the layer is exported as a QDQ pair. Where one is not
-    (one scale per token, written as float ops; an input left in float), the layer's weight
-    is dequantized with Cast and Mul: ONNX Runtime would otherwise turn a lone weight
-    DequantizeLinear + MatMul into its weight-only MatMulNBits kernel, which quantizes the
-    activations on the fly and computes other numbers (0.18 of 0.67 on the LM's logits)."""
     _, inputs = quantized_tensor_names(layer)
     layer_type = find_layer_type(layer)
     names = layer_type.inputs if layer_type is not None else inputs
@@ -128,10 +151,11 @@ def _takes_qdq_input(layer: nn.Module) -> bool:
     return True
 
 
-def prepare_for_export(model: nn.Module, exact_products: bool = False) -> nn.Module:
+def prepare_for_export(model: nn.Module, exact_products: bool = False, unsigned_weights: bool = False) -> nn.Module:
     """A copy of ``model`` in eval mode whose weights are integer buffers and whose constant
     input parameters are frozen (see :mod:`torchapprox.export.ops`); with ``exact_products``,
-    its layers multiply exactly (their approximate multipliers removed from the copy)."""
+    its layers multiply exactly (their approximate multipliers removed from the copy); with
+    ``unsigned_weights``, 8-bit weights are uint8 with zero point 128."""
     if not quantized_layers(model):
         raise ValueError("`model` has no quantizers: attach(model) before exporting it")
     approximate = assigned_multipliers(model)
@@ -160,7 +184,8 @@ def prepare_for_export(model: nn.Module, exact_products: bool = False) -> nn.Mod
                     fold = fold_of(layer)
                     value = folded_weight(layer, fold) if fold is not None and tensor == "weight" else getattr(layer, tensor)
                     replaced[id(quantizer)] = _ExportedWeight(quantizer, value, where,
-                                                              elementwise=not _takes_qdq_input(layer))
+                                                              elementwise=_matmul_without_qdq_input(layer),
+                                                              unsigned=unsigned_weights)
                 else:
                     replaced[id(quantizer)] = _exported_input(quantizer, where)
             setattr(layer, f"{tensor}_quantizer", replaced[id(quantizer)])
@@ -262,6 +287,7 @@ def export_onnx(
     output_names: Sequence[str] | None = None,
     exact_products: bool = False,
     pack_weights: bool = True,
+    unsigned_weights: bool = False,
 ) -> Path:
     """Write ``model`` (attached with ``torchapprox.attach``) as an ONNX model in QDQ form.
 
@@ -295,6 +321,11 @@ def export_onnx(
             weights, not packed ones, into integer kernels, so ``pack_weights=False``
             (int8 containers) is the faster file. Where ONNX Runtime (when installed)
             cannot load the packed file, the weights stay int8 and a warning says so.
+        unsigned_weights: int8 weights as uint8 with zero point 128 (the same values): ONNX
+            Runtime then runs u8u8 integer kernels, whose sums are exact on every CPU. Its
+            default u8s8 kernels sum pairs of products in 16 bits on x86 CPUs without VNNI,
+            which 8-bit weights times uint8 activations can saturate (7-bit weights cannot);
+            u8u8 ran 2.3x slower than u8s8 on the benchmark CNN on a VNNI CPU.
         exact_products: export a model whose layers compute with approximate multipliers
             (``ta.set_multiplier``) with exact products instead; without it such a model is
             refused (ONNX has no approximate product).
@@ -316,7 +347,9 @@ def export_onnx(
         raise ImportError(f"export_onnx needs onnx and onnxscript: pip install 'torchapprox[onnx]' ({error})") from None
     inputs = (example_inputs,) if isinstance(example_inputs, Tensor) else tuple(example_inputs)
     _check_float_types(model, inputs)
-    exported = prepare_for_export(model, check_bool(exact_products, "exact_products"))
+    _check_exportable_layers(model)
+    exported = prepare_for_export(model, check_bool(exact_products, "exact_products"),
+                                  check_bool(unsigned_weights, "unsigned_weights"))
     dynamic_shapes = None
     if dynamic_batch:
         batch = torch.export.Dim("batch")
@@ -364,6 +397,15 @@ def _pack(path: Path, names: list[str]) -> None:
         path.write_bytes(original)
         warnings.warn(f"export_onnx: ONNX Runtime cannot run the {len(packed)} weights packed in INT4/UINT4 "
                       f"({str(error).splitlines()[0][:200]}); they are stored as int8", UserWarning, stacklevel=3)
+
+
+def _check_exportable_layers(model: nn.Module) -> None:
+    """Refuse what torch.onnx writes wrongly: average pooling with ``divisor_override``
+    (exported as a plain average)."""
+    for name, module in model.named_modules():
+        if isinstance(module, (nn.AvgPool2d, nn.AvgPool3d)) and module.divisor_override is not None:
+            raise ValueError(f"{name}: AvgPool with divisor_override={module.divisor_override} is exported by torch.onnx "
+                             "as a plain average (other numbers); use divisor_override=None")
 
 
 def _check_float_types(model: nn.Module, inputs: tuple) -> None:

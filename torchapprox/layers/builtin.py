@@ -34,11 +34,6 @@ from .registry import register_layer
 
 @register_layer(nn.Linear, weights={"weight": 0}, multiplier=True)
 def linear_forward(layer: nn.Linear, input: Tensor) -> Tensor:
-    fold = fold_of(layer)
-    if fold is not None:
-        _check_no_multiplier(layer, fold)
-        return folded_forward(layer, fold, input, lambda x, w, b, qp: quantized_linear(layer, x, w, b,
-                                                                                       weight_qparams=qp))
     weight, weight_qparams = quantized_weight_and_qparams(layer)
     setting = multiplier_of(layer)
     if setting is not None:
@@ -166,6 +161,14 @@ for _rnn in (nn.RNN, nn.LSTM, nn.GRU):
 def pooling_forward(layer: nn.Module, input: Tensor, *args, **kwargs) -> Tensor:
     # The layer's own computation on its quantized input.
     return type(layer).forward(layer, quantized_input(layer, input), *args, **kwargs)
+
+
+def quantizable_pooling(layer: nn.Module) -> bool:
+    """Whether attach(quantize_pooling=True) quantizes this pooling layer's input: not an
+    average pooling with ceil_mode or divisor_override (ONNX Runtime's integer average
+    pooling divides a partial window otherwise than torch)."""
+    return not (isinstance(layer, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d))
+                and (layer.ceil_mode or getattr(layer, "divisor_override", None) is not None))
 
 
 # Weightless, quantized only with attach(quantize_pooling=True): max pooling commutes with

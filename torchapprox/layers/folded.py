@@ -1,4 +1,4 @@
-"""Conv1d/2d/3d and Linear with their BatchNorm folded into the quantized weight (see
+"""Conv1d/2d/3d with their BatchNorm folded into the quantized weight (see
 :mod:`torchapprox.batchnorm_fold` for the formulas and their source)."""
 
 from __future__ import annotations
@@ -23,11 +23,8 @@ def folded_weight(layer: nn.Module, fold: BatchNormFold) -> Tensor:
 def folded_forward(layer: nn.Module, fold: BatchNormFold, input: Tensor,
                    compute: Callable[[Tensor, Tensor | None, QParams | None], Tensor]) -> Tensor:
     """The layer's output with its BatchNorm folded: ``compute(input, weight, bias,
-    weight_qparams)`` is the layer's quantized product (``quantized_conv`` or
-    ``quantized_linear`` bound to the layer's geometry)."""
-    if isinstance(layer, nn.Linear) and input.dim() != 2:
-        raise ValueError(f"{fold.layer_name}: a Linear folded with {fold.batchnorm_name} takes 2-D inputs "
-                         f"(batch, features), as BatchNorm1d normalises dimension 1; got shape {tuple(input.shape)}")
+    weight_qparams)`` is the layer's quantized product (``quantized_conv`` bound to the
+    layer's geometry)."""
     factor, shift = fold.factors()
     weight = folded_weight(layer, fold)
     quantizer = quantizer_of(layer, "weight")
@@ -42,8 +39,8 @@ def folded_forward(layer: nn.Module, fold: BatchNormFold, input: Tensor,
     out = compute(input, weight, None, weight_qparams)
     # Undo the running-statistics scale: the BatchNorm that follows normalises with the
     # batch's statistics. A channel with gamma = 0 has a zero weight: divide by 1 there.
-    channel_axis = 1 if out.dim() > 1 and not _unbatched(layer, input) else 0
-    shape = [-1 if d == channel_axis else 1 for d in range(out.dim())] if not isinstance(layer, nn.Linear) else [-1]
+    channel_axis = 0 if _unbatched(layer, input) else 1
+    shape = [-1 if d == channel_axis else 1 for d in range(out.dim())]
     safe = torch.where(factor == 0, torch.ones_like(factor), factor).to(out.dtype)
     out = out / safe.reshape(shape)
     if layer.bias is not None:
@@ -52,4 +49,4 @@ def folded_forward(layer: nn.Module, fold: BatchNormFold, input: Tensor,
 
 
 def _unbatched(layer: nn.Module, input: Tensor) -> bool:
-    return not isinstance(layer, nn.Linear) and input.dim() == layer.weight.dim() - 1
+    return input.dim() == layer.weight.dim() - 1
