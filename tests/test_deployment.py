@@ -376,3 +376,85 @@ def test_pooling_that_integer_kernels_divide_otherwise_stays_unquantized(tmp_pat
     ta.attach(divided, 8)
     with pytest.raises(ValueError, match="divisor_override=3 is exported by torch.onnx as a plain average"):
         ta.export_onnx(divided, x, tmp_path / "divided.onnx")
+
+
+# ------------------------------------------------------------------ the callback and the app
+def test_the_callback_folds_freezes_late_and_rebinds_replaced_batchnorm(tmp_path):
+    from lightning.pytorch import LightningModule, Trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from callbacks import QuantizationAwareTraining
+
+    class Module(LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.net = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+            self.means = []
+
+        def forward(self, x):
+            return self.net(x)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x), y)
+
+        def on_train_epoch_end(self):
+            self.means.append(self.net[1].running_mean.clone())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    data = DataLoader(TensorDataset(torch.randn(32, 1, 6, 6), torch.randint(0, 2, (32,))), batch_size=8)
+    module = Module()
+    qat = QuantizationAwareTraining(8, weight={"fold_batchnorm": True, "granularity": "per_channel"},
+                                    quantize_pooling=True, freeze_batchnorm=0.5, verbose=False)
+    Trainer(max_epochs=4, callbacks=[qat], logger=False, enable_checkpointing=False, enable_progress_bar=False,
+            default_root_dir=tmp_path).fit(module, data)
+    assert folds(module) == {"net.0": "net.1"} and "net.3" in ta.quantized_layers(module)
+    moved = [not torch.equal(a, b) for a, b in zip(module.means, module.means[1:])]
+    assert moved == [True, False, False]  # statistics move in epochs 0-1 and are frozen from epoch 2 on
+
+    # A BatchNorm replaced after attach (Lightning's sync_batchnorm does so when the strategy
+    # sets up) sharing its parameters and buffers: the fold follows the module in the model.
+    old = module.net[1]
+    new = nn.BatchNorm2d(4)
+    new.weight, new.bias, new.running_mean, new.running_var = old.weight, old.bias, old.running_mean, old.running_var
+    module.net[1] = new
+    from torchapprox.batchnorm_fold import fold_of, rebind
+
+    assert rebind(module) == ["net.1"] and fold_of(module.net[0]).batchnorm is new
+    assert fold_of(module.net[0]).frozen  # kept
+    module.eval()
+    x = torch.randn(3, 1, 6, 6)
+    with torch.no_grad():
+        out = module(x)
+        ta.detach(module)
+        ta.attach(module, 8, weight={"fold_batchnorm": True, "granularity": "per_channel"}, input={"grid": "auto"},
+                  quantize_pooling=True)
+        assert torch.equal(module(x), out)  # the same folded layer, not the BatchNorm applied twice
+
+
+def test_a_deploy_run_exports_beside_float_and_ort_quantize_static(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    run_dir = tmp_path / "run"
+
+    def app(*args):
+        return subprocess.run([sys.executable, "-m", *args], cwd=root, capture_output=True, text=True, timeout=600,
+                              env={**__import__("os").environ, "PYTHONWARNINGS": "ignore"})
+
+    trained = app("experiments.train", "trainer.max_epochs=3", "bits=8", "schedule=constant", "+quant=deploy",
+                  "~callbacks.progress_bar", "+trainer.enable_progress_bar=false", f"hydra.run.dir={run_dir}")
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    exported = app("experiments.export", str(run_dir), "--static", "--latency")
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    line = next(line for line in exported.stdout.splitlines() if line.startswith("test accuracy"))
+    assert float(line.split("ONNX Runtime ")[1].split(",")[0]) == float(line.split("PyTorch ")[1].split(",")[0])
+    rows = [line for line in exported.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["float", "ours", "ORT quantize_static"], rows
+    assert "integer weights: 4 in INT8" in exported.stdout
