@@ -50,6 +50,8 @@ def _macs_of(layer: nn.Module, inputs: tuple, output: Any, kwargs: dict | None =
         return sum(t.numel() // t.shape[-1] * d * layer.embed_dim for t, d in zip(operands, dims)
                    if isinstance(t, Tensor))
     layer_type = find_layer_type(layer)
+    if layer_type is not None and layer_type.pooling:
+        return 0  # no products: only its input is quantized (attach(quantize_pooling=True))
     if layer_type is not None and layer_type.name == "transformers.pytorch_utils.Conv1D":
         return out.numel() * layer.weight.shape[0]
     return None
