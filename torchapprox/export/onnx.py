@@ -133,8 +133,8 @@ def _matmul_without_qdq_input(layer: nn.Module) -> bool:
     float). Its weight is then dequantized with Cast and Mul: ONNX Runtime would otherwise
     turn a lone weight DequantizeLinear + MatMul into its weight-only MatMulNBits kernel,
     which quantizes the activations on the fly and computes other numbers (0.18 of 0.67 on
-    the LM's logits). torch.onnx folds that Cast and Mul of constants: such weights are
-    stored as float32 values (on the grid)."""
+    the LM's logits). torch.onnx's optimizer folds that Cast and Mul of constants into
+    float32 values (on the grid) for small weights (4096 elements were folded)."""
     if isinstance(layer, _CONVOLUTIONS):
         return False
     return not _takes_qdq_input(layer)
