@@ -202,8 +202,16 @@ def _check_bias_fits(layer_name: str, layer: nn.Module) -> None:
     weight, input = quantizer_of(layer, "weight"), quantizer_of(layer, "input")
     if not isinstance(weight, _ExportedWeight) or not isinstance(input, ApproxQuantizer):
         return
-    # A family whose constant parameters are computed in the graph (no stored range).
-    qp = input._qparams if isinstance(input, _ExportedConstantInput) else input.qparams(torch.zeros(1)).detach()
+    if isinstance(input, _ExportedConstantInput):
+        qp = input._qparams
+    else:
+        # A family whose constant parameters are computed in the graph (no stored range):
+        # asked on a copy, since asking may initialise state (a learned step starts from
+        # the first tensor it sees; the export must still say that it saw none).
+        try:
+            qp = copy.deepcopy(input).qparams(torch.zeros(1)).detach()
+        except Exception:  # noqa: BLE001 - a family that cannot answer here: its export says why
+            return
     if not qp.constant:
         return
     fold = fold_of(layer)
